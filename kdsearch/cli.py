@@ -1,0 +1,145 @@
+"""The `kdsearch` command.
+
+User mistakes (a bad spec, missing data, no GPU where one is demanded, an unreadable checkpoint)
+print one line naming the problem and the fix and exit with code 2, before any compute starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from .context import RunContext, setup_logging
+from .spec import Spec, SpecError, list_builtin_specs, load_spec, parse_override
+
+EXIT_USAGE = 2
+
+
+class UsageError(RuntimeError):
+    """A one-line user error raised by a command (exit 2)."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .checkpoints import CheckpointError
+    from .data import DataError
+    from .runtime import DeviceError
+
+    return (SpecError, UsageError, CheckpointError, DataError, DeviceError)
+
+
+def _load(args: argparse.Namespace) -> tuple[Spec, RunContext]:
+    overrides = dict(parse_override(s) for s in args.set or [])
+    spec = load_spec(args.spec, overrides)
+    from .data import check_data
+
+    check_data(spec.data)
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / spec.name
+    ctx = RunContext.create(run_dir, device=args.device or spec.device, address=args.address)
+    return spec, ctx
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline import run_pipeline
+
+    spec, ctx = _load(args)
+    summaries = run_pipeline(spec, ctx)
+    print(json.dumps({"run_dir": str(ctx.run_dir), "stages": summaries}, indent=2))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .models import is_model
+    from .stages.train_models import train_float_model, train_scratch_student, train_teachers
+
+    spec, ctx = _load(args)
+    ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    spec.save(ctx.run_dir / "spec.yaml")
+    out: dict[str, Any]
+    if args.model in ("teachers", "teacher"):
+        out = train_teachers(spec, ctx)
+    elif args.model == "student":
+        out = train_scratch_student(spec, ctx)
+    elif is_model(args.model):
+        teacher = next((t for t in spec.teachers.models if t.arch == args.model), None)
+        cfg = spec.teachers.train if teacher else spec.student.train
+        path = ctx.run_dir / "models" / f"{args.model}.pt"
+        out = train_float_model(spec, args.model, cfg, path, device=ctx.device, progress=ctx.progress)
+    else:
+        raise UsageError(f"--model '{args.model}' is neither 'teachers', 'student' nor a known architecture "
+                         "(see `kdsearch models`)")
+    summary = {k: v for k, v in out.items() if k != "history"}
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    spec, ctx = _load(args)
+    print(f"{spec.name}: ok (run dir {ctx.run_dir}, device {ctx.device})")
+    return 0
+
+
+def cmd_specs(args: argparse.Namespace) -> int:
+    print("\n".join(list_builtin_specs()))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import create_model, list_models, model_tags
+
+    for name in list_models(args.tag):
+        params = sum(p.numel() for p in create_model(name, num_classes=args.num_classes).parameters())
+        print(f"{name:24s} {params / 1e6:8.3f} M  {','.join(model_tags(name))}")
+    return 0
+
+
+def _spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", help="a built-in spec name (see `kdsearch specs`) or a YAML path")
+    p.add_argument("--run-dir", help="run directory (default runs/<spec name>)")
+    p.add_argument("--address", help="Ray cluster address; 'auto' joins a cluster started by `ray up`")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the spec's device")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a spec field, e.g. --set search.num_trials=8 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdsearch", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run every stage that is not done yet (rerun to resume)")
+    _spec_args(p)
+    p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("train", help="train teachers or the student from scratch")
+    _spec_args(p)
+    p.add_argument("--model", default="student", help="'teachers', 'student' or an architecture name")
+    p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("validate", help="check a spec and its data, without computing anything")
+    _spec_args(p)
+    p.set_defaults(fn=cmd_validate)
+    p = sub.add_parser("specs", help="list the built-in specs")
+    p.set_defaults(fn=cmd_specs)
+    p = sub.add_parser("models", help="list the registered architectures")
+    p.add_argument("--tag", help="teacher, student or small")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.set_defaults(fn=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        return int(args.fn(args))
+    except _user_errors() as err:
+        print(f"kdsearch: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("kdsearch: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

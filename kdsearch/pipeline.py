@@ -1,0 +1,112 @@
+"""The stage graph and the run-directory manifest that makes `kdsearch run` resumable.
+
+Each stage is a plain function `stage(spec, ctx) -> dict` that can also be called alone. A stage's
+input key hashes the spec sections it reads plus the keys of the stages it depends on; the manifest
+(runs/<name>/manifest.json, written atomically) records the key of every finished stage. A rerun
+skips stages whose key is unchanged and redoes those whose inputs changed, saying which fields did.
+Within a stage, work resumes from its own checkpoints (a half-trained teacher continues its epochs).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .context import RunContext
+from .io import atomic_write_json, stable_hash
+from .spec import Spec
+
+log = logging.getLogger("kdsearch.pipeline")
+
+StageFn = Callable[[Spec, RunContext], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    fn: StageFn
+    reads: tuple[str, ...]  # top-level spec sections this stage depends on
+    after: tuple[str, ...] = ()  # upstream stages
+
+
+def _teachers(spec: Spec, ctx: RunContext) -> dict[str, Any]:
+    from .stages.train_models import train_teachers
+
+    return {"teachers": {a: {"test_acc": m["test_acc"]} for a, m in train_teachers(spec, ctx).items()}}
+
+
+def _baselines(spec: Spec, ctx: RunContext) -> dict[str, Any]:
+    from .stages.train_models import train_scratch_student
+
+    m = train_scratch_student(spec, ctx)
+    return {"scratch": {"arch": m["arch"], "test_acc": m["test_acc"]}}
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("teachers", _teachers, reads=("seed", "data", "teachers")),
+    Stage("baselines", _baselines, reads=("seed", "data", "student"), after=("teachers",)),
+)
+
+
+def manifest_path(run_dir: Path) -> Path:
+    return run_dir / "manifest.json"
+
+
+def read_manifest(run_dir: Path) -> dict[str, Any]:
+    p = manifest_path(run_dir)
+    return json.loads(p.read_text()) if p.is_file() else {"stages": {}}
+
+
+def stage_key(spec: Spec, stage: Stage, keys: dict[str, str]) -> str:
+    d = spec.to_dict()
+    return stable_hash({"spec": {k: d[k] for k in stage.reads}, "after": {a: keys.get(a) for a in stage.after}})
+
+
+def _changed_fields(old: dict[str, Any] | None, new: dict[str, Any], reads: tuple[str, ...]) -> list[str]:
+    if not old:
+        return []
+    out = []
+    for sec in reads:
+        a, b = old.get(sec), new.get(sec)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{sec}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            out.append(sec)
+    return out
+
+
+def run_pipeline(spec: Spec, ctx: RunContext, only: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Run the stages that are not done yet, in order; return every stage's summary."""
+    ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(ctx.run_dir)
+    old_spec = manifest.get("spec")
+    spec.save(ctx.run_dir / "spec.yaml")
+    keys: dict[str, str] = {}
+    summaries: dict[str, Any] = {}
+    for stage in STAGES:
+        if only is not None and stage.name not in only:
+            continue
+        key = stage_key(spec, stage, keys)
+        keys[stage.name] = key
+        done = manifest["stages"].get(stage.name)
+        if done and done.get("key") == key:
+            log.info("stage %s: done, skipping", stage.name)
+            summaries[stage.name] = done.get("summary", {})
+            continue
+        if done:
+            fields = _changed_fields(old_spec, spec.to_dict(), stage.reads) or ["an upstream stage"]
+            log.info("stage %s: inputs changed (%s); redoing", stage.name, ", ".join(fields))
+        log.info("stage %s: running", stage.name)
+        t0 = time.perf_counter()
+        summary = stage.fn(spec, ctx)
+        manifest["stages"][stage.name] = {"key": key, "summary": summary, "seconds": round(time.perf_counter() - t0, 2),
+                                          "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        manifest["spec"] = spec.to_dict()
+        atomic_write_json(manifest_path(ctx.run_dir), manifest)
+        summaries[stage.name] = summary
+    return summaries

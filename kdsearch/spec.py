@@ -1,0 +1,349 @@
+"""The experiment spec: one YAML file holds everything a run needs.
+
+Validation happens once, up front, before any compute: unknown keys, wrong types, unknown
+architectures or datasets and impossible values become a `SpecError` whose one-line message names
+the field (dotted path) and what is allowed. The CLI prints that line and exits with code 2.
+
+Pydantic does the type work (strict about unknown keys, lenient about YAML's `1e-4` being a
+string); the cross-field rules that are the project's own live in the `model_validator`s here.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .io import atomic_write_text, stable_hash
+
+DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")
+AUGMENTS = ("none", "standard", "autoaugment", "randaugment", "trivialaugment")
+STRATEGIES = ("average", "vote", "dynamic", "entropy")
+WEIGHT_BITS = (2, 3, 4, 5, 6, 8, 16, 32)
+DATASET_CLASSES = {"cifar10": 10, "cifar100": 100}
+
+
+class SpecError(ValueError):
+    """A user mistake in a spec; `str(err)` is one line naming the field and the fix."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"spec field '{field}': {message}" if field else message)
+
+
+class _Cfg(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class TrainConfig(_Cfg):
+    """One training run's optimisation settings (SGD Nesterov + cosine / one-cycle, as in the seed's baselines)."""
+
+    epochs: int = Field(30, ge=1)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    batch_size: int = Field(128, ge=1)
+    grad_clip: float | None = Field(None, gt=0)
+    bf16: bool = True  # autocast on GPU for float phases; ignored on CPU
+    channels_last: bool = True  # GPU only
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> "TrainConfig":
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be < epochs ({self.epochs})")
+        return self
+
+
+class DataConfig(_Cfg):
+    """Where images come from and how they are augmented."""
+
+    dataset: Literal["cifar10", "cifar100", "imagefolder", "synthetic"] = "cifar10"
+    root: str | None = None  # torchvision root / imagefolder root; default ~/.cache/kdsearch/data
+    download: bool = True
+    num_classes: int | None = Field(None, ge=2)  # derived for cifar; required for synthetic
+    train_size: int | None = Field(None, ge=1)  # synthetic size, or a deterministic subset of a real train split
+    test_size: int | None = Field(None, ge=1)
+    augment: Literal["none", "standard", "autoaugment", "randaugment", "trivialaugment"] = "standard"
+    cutout: int = Field(0, ge=0, le=32)  # side of the erased square in px (DeVries & Taylor 2017); 0 = off
+    random_erasing: float = Field(0.0, ge=0, le=1)  # probability of torchvision RandomErasing
+    num_workers: int = Field(2, ge=0)
+    on_gpu: bool = True  # keep uint8 data on the GPU and augment whole batches there (standard augment only)
+    eval_batch_size: int = Field(512, ge=1)
+
+    @model_validator(mode="after")
+    def _classes(self) -> "DataConfig":
+        known = DATASET_CLASSES.get(self.dataset)
+        if known is not None and self.num_classes not in (None, known):
+            raise ValueError(f"num_classes is {known} for {self.dataset} (got {self.num_classes}); remove it")
+        if self.dataset == "synthetic" and self.num_classes is None:
+            raise ValueError("num_classes is required for the synthetic dataset (e.g. num_classes: 10)")
+        if self.dataset == "imagefolder" and not self.root:
+            raise ValueError("root is required for imagefolder (a folder with train/<class>/* and test/<class>/*)")
+        return self
+
+    @property
+    def classes(self) -> int | None:
+        """Number of classes when known without touching the data (imagefolder: from the folder)."""
+        return self.num_classes or DATASET_CLASSES.get(self.dataset)
+
+
+def _check_arch(name: str) -> str:
+    from .models import is_model, list_models
+
+    if not is_model(name):
+        raise ValueError(f"unknown architecture '{name}'; available: {', '.join(list_models())}")
+    return name
+
+
+class TeacherConfig(_Cfg):
+    arch: str
+    checkpoint: str | None = None  # a trained checkpoint to use instead of training (loaded weights_only)
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, v: str) -> str:
+        return _check_arch(v)
+
+
+class TeachersConfig(_Cfg):
+    models: tuple[TeacherConfig, ...] = Field(..., min_length=1)
+    train: TrainConfig = TrainConfig()
+    gpus: float = Field(1.0, ge=0)  # per teacher, when training on a cluster and when serving as a Ray actor
+    cpus: float = Field(1.0, gt=0)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _names_to_dicts(cls, v: Any) -> Any:
+        # Allow the short form `models: [wrn_28_10, densenet_bc_190_40]`.
+        if isinstance(v, list):
+            return [{"arch": m} if isinstance(m, str) else m for m in v]
+        return v
+
+    @field_validator("models")
+    @classmethod
+    def _unique(cls, v: tuple[TeacherConfig, ...]) -> tuple[TeacherConfig, ...]:
+        archs = [t.arch for t in v]
+        dup = {a for a in archs if archs.count(a) > 1}
+        if dup:
+            raise ValueError(f"teacher architectures must be unique (repeated: {', '.join(sorted(dup))})")
+        return v
+
+
+class StudentConfig(_Cfg):
+    arch: str
+    candidates: tuple[str, ...] = ()  # for `kdsearch students`: architectures ranked by quantizability
+    train: TrainConfig = TrainConfig()
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, v: str) -> str:
+        return _check_arch(v)
+
+    @field_validator("candidates")
+    @classmethod
+    def _cands(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for name in v:
+            _check_arch(name)
+        return v
+
+
+class DistillConfig(_Cfg):
+    """Ensemble KD (Hinton et al. 2015): loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE."""
+
+    strategy: Literal["average", "vote", "dynamic", "entropy"] = "dynamic"
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.9, ge=0, le=1)
+    source: Literal["cache", "live"] = "cache"  # trials replay cached teacher logits, or ask the actor pool
+    cache_epochs: int = Field(4, ge=1)  # seeded augmentation epochs whose teacher logits are cached
+
+
+class QuantConfig(_Cfg):
+    bits: tuple[int, ...] = (16, 8, 4)  # the per-layer weight bit-widths the search may choose
+    act_bits: int | Literal["same"] = 8
+    pin: dict[str, int] = Field(default_factory=lambda: {"first": 8, "last": 8})  # layer name/first/last -> bits
+    qat: TrainConfig = TrainConfig(epochs=15, lr=0.01, weight_decay=5e-5)  # finalize-length QAT(+KD)
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        bad = [b for b in v if b not in WEIGHT_BITS]
+        if bad or not v:
+            raise ValueError(f"bit-widths {bad or 'none'} unsupported; choose from {list(WEIGHT_BITS)}")
+        if len(set(v)) != len(v):
+            raise ValueError("bit-widths must be unique")
+        return tuple(sorted(v, reverse=True))
+
+    @field_validator("act_bits")
+    @classmethod
+    def _act(cls, v: int | str) -> int | str:
+        if v != "same" and v not in (2, 3, 4, 5, 6, 8, 16, 32):
+            raise ValueError(f"act_bits must be 'same' or one of 2, 3, 4, 5, 6, 8, 16, 32 (got {v})")
+        return v
+
+    @field_validator("pin")
+    @classmethod
+    def _pin(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = {k: b for k, b in v.items() if b not in WEIGHT_BITS}
+        if bad:
+            raise ValueError(f"pinned bit-widths {bad} unsupported; choose from {list(WEIGHT_BITS)}")
+        return v
+
+
+class SensitivityConfig(_Cfg):
+    calib_size: int = Field(512, ge=8)  # training images used to measure each layer's sensitivity
+    metric: Literal["kl", "hessian"] = "kl"  # which omega drives the priors
+    hutchinson_samples: int = Field(16, ge=1)
+    exclude_above: float | None = Field(None, gt=0)  # a (layer, bits) whose omega exceeds this is never sampled
+    budgets_around: tuple[float, ...] = (0.8, 0.9, 1.1, 1.2)  # solver warm starts at these multiples of a budget
+
+
+class SearchConfig(_Cfg):
+    budgets_mb: tuple[float, ...] = Field(..., min_length=1)  # hard size budgets (MB = 1e6 bytes); the first drives the search
+    num_trials: int = Field(32, ge=1)
+    trial_epochs: int = Field(2, ge=1)
+    trial: TrainConfig = TrainConfig(epochs=2, lr=0.005, weight_decay=5e-5)
+    sampler: Literal["tpe", "nsga2", "random"] = "tpe"
+    warm_start: bool = True  # seed the sampler with the sensitivity solver's configs and uniform baselines
+    max_concurrent: int | None = Field(None, ge=1)  # default: derived from resources
+    gpus_per_trial: float = Field(0.0, ge=0)
+    cpus_per_trial: float = Field(1.0, gt=0)
+    asha: bool = True
+    grace_period: int = Field(1, ge=1)
+    max_failures: int = Field(2, ge=0)
+
+    @field_validator("budgets_mb")
+    @classmethod
+    def _positive(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if any(b <= 0 for b in v):
+            raise ValueError(f"budgets must be > 0 MB (got {list(v)})")
+        return v
+
+    @model_validator(mode="after")
+    def _epochs(self) -> "SearchConfig":
+        if self.trial.epochs != self.trial_epochs:
+            # One source of truth: trial_epochs wins, trial.epochs mirrors it.
+            object.__setattr__(self, "trial", self.trial.model_copy(update={"epochs": self.trial_epochs}))
+        return self
+
+
+class FinalizeConfig(_Cfg):
+    top_k: int = Field(3, ge=1)
+
+
+class Spec(_Cfg):
+    """A whole experiment. `name` names the run directory (runs/<name>/)."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig = DataConfig()
+    teachers: TeachersConfig
+    student: StudentConfig
+    distill: DistillConfig = DistillConfig()
+    quant: QuantConfig = QuantConfig()
+    sensitivity: SensitivityConfig = SensitivityConfig()
+    search: SearchConfig
+    finalize: FinalizeConfig = FinalizeConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def fingerprint(self, *sections: str) -> str:
+        """Hash of the named top-level sections (all when none): the stage-input key for resume."""
+        d = self.to_dict()
+        return stable_hash({k: d[k] for k in (sections or tuple(d))})
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _format_error(err: ValidationError) -> SpecError:
+    e = err.errors()[0]
+    field = ".".join(str(p) for p in e["loc"])
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key; remove it or check its spelling (see search_spaces/ for the allowed keys)"
+    elif e["type"] == "missing":
+        msg = "required field is missing"
+    elif "input" in e and e["type"] not in ("value_error", "assertion_error"):
+        msg = f"{msg} (got {e['input']!r})"
+    return SpecError(field, msg)
+
+
+def builtin_spec_dir() -> Path:
+    """The specs shipped with kdsearch: inside the wheel, or the repo's search_spaces/ in a checkout."""
+    packaged = resources.files("kdsearch") / "search_spaces"
+    if packaged.is_dir():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parent.parent / "search_spaces"
+
+
+def list_builtin_specs() -> list[str]:
+    return sorted(p.stem for p in builtin_spec_dir().glob("*.yaml"))
+
+
+def resolve_spec_path(name_or_path: str | os.PathLike[str]) -> Path:
+    """A path to a YAML file, or the name of a built-in spec (`cifar10`, `smoke`, ...)."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise SpecError("", f"spec file '{p}' not found; give a YAML path or one of: {', '.join(list_builtin_specs())}")
+        return p
+    cand = builtin_spec_dir() / f"{p.name}.yaml"
+    if not cand.is_file():
+        raise SpecError("", f"unknown spec '{name_or_path}'; give a YAML path or one of: {', '.join(list_builtin_specs())}")
+    return cand
+
+
+def parse_spec(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> Spec:
+    """Validate a spec dict (plus dotted-key overrides such as {'search.num_trials': 4})."""
+    if not isinstance(data, dict):
+        raise SpecError("", "a spec must be a YAML mapping at the top level")
+    data = _apply_overrides(data, overrides or {})
+    try:
+        return Spec.model_validate(data)
+    except ValidationError as err:
+        raise _format_error(err) from None
+
+
+def load_spec(name_or_path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> Spec:
+    path = resolve_spec_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise SpecError("", f"{path} is not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    return parse_spec(data, overrides)
+
+
+def _apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    import copy
+
+    out = copy.deepcopy(data)
+    for dotted, value in overrides.items():
+        node = out
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            nxt = node.setdefault(key, {})
+            if not isinstance(nxt, dict):
+                raise SpecError(dotted, f"cannot override inside '{key}' (it is not a mapping)")
+            node = nxt
+        node[leaf] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`--set search.num_trials=4` -> ('search.num_trials', 4); the value is parsed as YAML."""
+    if "=" not in text:
+        raise SpecError("", f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)

@@ -1,0 +1,249 @@
+"""One training loop for every stage: scratch, KD, QAT and QAT+KD.
+
+The loop does not know what it trains: a float model or one that `kdsearch.quant.quantize`
+rewrote (QAT), with or without a teacher source (KD). Batches arrive as augmented uint8 images
+(`kdsearch.data.Batch`); normalisation happens here, on the device, so that teachers served
+elsewhere can receive the same uint8 views.
+
+Resume is exact at epoch granularity: the learning rate is a pure function of the global step,
+and the checkpoint (written atomically after every epoch) holds model, optimizer, step and history.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .io import atomic_torch_save, stable_hash
+from .spec import TrainConfig
+
+log = logging.getLogger("kdsearch.train")
+
+
+class TeacherSource(Protocol):
+    """Anything that answers teacher logits [T, B, C] for a stream of batches (in-process, Ray pool, cache)."""
+
+    def annotate(self, batches: Iterable[Any], epoch: int) -> Iterator[tuple[Any, torch.Tensor]]: ...
+
+
+KDLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""(student_logits [B,C], teacher_logits [T,B,C], labels [B]) -> scalar loss."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf: stop instead of writing a poisoned checkpoint."""
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]] = field(default_factory=list)
+    epochs_run: int = 0  # epochs executed in this call (0 when the checkpoint was already complete)
+
+    @property
+    def final(self) -> dict[str, float]:
+        return self.history[-1] if self.history else {}
+
+
+def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
+    """Learning rate after `step` optimizer steps: linear warm-up, then cosine to 0 / one-cycle / constant."""
+    warm = int(cfg.warmup_epochs / cfg.epochs * total_steps)
+    if cfg.schedule == "onecycle":  # Smith & Topin 2017: up for 25% of steps from lr/25, then linearly down
+        peak = max(1, int(0.25 * total_steps))
+        if step < peak:
+            return cfg.lr * (0.04 + 0.96 * step / peak)
+        return cfg.lr * max(0.0, (total_steps - step) / max(1, total_steps - peak))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = (step - warm) / max(1, total_steps - warm)
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD Nesterov; no weight decay on 1-d parameters (BN, biases, quantizer step sizes)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+
+
+def _autocast(device: torch.device, cfg: TrainConfig) -> contextlib.AbstractContextManager[Any]:
+    if device.type == "cuda" and cfg.bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _memory_format(device: torch.device, cfg: TrainConfig) -> torch.memory_format:
+    return torch.channels_last if device.type == "cuda" and cfg.channels_last else torch.contiguous_format
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, batches: Iterable[Any], normalizer: nn.Module, device: torch.device, cfg: TrainConfig | None = None
+) -> dict[str, float]:
+    """Top-1 accuracy (%) and mean cross-entropy over `batches` (a `kdsearch.data.EvalLoader`)."""
+    cfg = cfg or TrainConfig()
+    was_training = model.training
+    model.eval()
+    correct, loss_sum, n = 0, 0.0, 0
+    fmt = _memory_format(device, cfg)
+    for batch in batches:
+        x = normalizer(batch.images.to(device, non_blocking=True)).contiguous(memory_format=fmt)
+        y = batch.labels.to(device, non_blocking=True)
+        with _autocast(device, cfg):
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        n += y.numel()
+    model.train(was_training)
+    return {"acc": 100.0 * correct / max(1, n), "loss": loss_sum / max(1, n)}
+
+
+def fit(
+    model: nn.Module,
+    train: Any,
+    test: Iterable[Any] | None,
+    cfg: TrainConfig,
+    *,
+    normalizer: nn.Module,
+    device: torch.device,
+    ckpt_path: Path | None = None,
+    teacher: TeacherSource | None = None,
+    kd_loss: KDLoss | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    progress: bool | None = None,
+    desc: str = "train",
+    start_epoch_hook: Callable[[int], None] | None = None,
+) -> FitResult:
+    """Train `model` for cfg.epochs on `train` (a `kdsearch.data.TrainLoader`), resuming from `ckpt_path`.
+
+    `teacher` + `kd_loss` turn the step into distillation; `on_epoch` receives each epoch's metrics
+    (Ray Tune trials report from it). Returns the full history, restored epochs included.
+    """
+    if (teacher is None) != (kd_loss is None):
+        raise ValueError("teacher and kd_loss go together: pass both for KD, neither for plain training")
+    model.to(device=device, memory_format=_memory_format(device, cfg))
+    normalizer = normalizer.to(device)
+    optimizer = make_optimizer(model, cfg)
+    steps_per_epoch = len(train)
+    total_steps = cfg.epochs * steps_per_epoch
+    run_key = stable_hash({"cfg": cfg.model_dump(mode="json"), "steps": steps_per_epoch, "kd": teacher is not None})
+    result, start = FitResult(), 0
+
+    if ckpt_path is not None and Path(ckpt_path).is_file():
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        if state.get("run_key") == run_key:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            result.history = list(state["history"])
+            start = int(state["epoch"])
+            log.info("%s: resumed from %s at epoch %d/%d", desc, ckpt_path, start, cfg.epochs)
+        else:
+            log.warning("%s: checkpoint %s was made with other settings; starting over", desc, ckpt_path)
+
+    show_bar = sys.stderr.isatty() if progress is None else progress
+    fmt = _memory_format(device, cfg)
+    for epoch in range(start, cfg.epochs):
+        if start_epoch_hook is not None:
+            start_epoch_hook(epoch)
+        model.train()
+        t0, loss_sum, correct, seen = time.perf_counter(), torch.zeros((), device=device), torch.zeros((), device=device), 0
+        stream: Iterable[tuple[Any, torch.Tensor | None]]
+        batches = train.epoch(epoch)
+        stream = teacher.annotate(batches, epoch) if teacher is not None else ((b, None) for b in batches)
+        bar = _progress_bar(show_bar, steps_per_epoch, f"{desc} epoch {epoch + 1}/{cfg.epochs}")
+        for i, (batch, t_logits) in enumerate(stream):
+            step = epoch * steps_per_epoch + i
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(step, total_steps, cfg)
+            x = normalizer(batch.images.to(device, non_blocking=True)).contiguous(memory_format=fmt)
+            y = batch.labels.to(device, non_blocking=True)
+            with _autocast(device, cfg):
+                logits = model(x)
+            logits = logits.float()
+            if t_logits is not None and kd_loss is not None:
+                loss = kd_loss(logits, t_logits.to(device, non_blocking=True).float(), y)
+            else:
+                loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            loss_sum += loss.detach() * y.numel()
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += y.numel()
+            bar.advance()
+        bar.close()
+        train_loss = (loss_sum / max(1, seen)).item()
+        if not math.isfinite(train_loss):
+            raise TrainingDiverged(f"{desc}: loss is {train_loss} in epoch {epoch + 1}; lower the learning rate")
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            "train_acc": 100.0 * (correct / max(1, seen)).item(),
+            "lr": lr_at((epoch + 1) * steps_per_epoch - 1, total_steps, cfg),
+            "epoch_s": time.perf_counter() - t0,
+        }
+        if test is not None:
+            ev = evaluate(model, test, normalizer, device, cfg)
+            metrics.update(test_acc=ev["acc"], test_loss=ev["loss"])
+        result.history.append(metrics)
+        result.epochs_run += 1
+        log.info("%s epoch %d/%d: %s", desc, epoch + 1, cfg.epochs, _fmt(metrics))
+        if ckpt_path is not None:
+            atomic_torch_save(
+                {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                 "history": result.history, "run_key": run_key},
+                ckpt_path,
+            )
+        if on_epoch is not None:
+            on_epoch(metrics)
+    return result
+
+
+def _fmt(m: dict[str, float]) -> str:
+    keys = ("train_loss", "train_acc", "test_acc", "epoch_s")
+    return " ".join(f"{k}={m[k]:.4g}" for k in keys if k in m)
+
+
+class _NoBar:
+    def advance(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _RichBar:
+    """A transient per-epoch bar on a terminal; log files get one line per epoch instead."""
+
+    def __init__(self, total: int, desc: str) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                           TimeRemainingColumn(), transient=True)
+        self._task = self._p.add_task(desc, total=total)
+        self._p.start()
+
+    def advance(self) -> None:
+        self._p.advance(self._task)
+
+    def close(self) -> None:
+        self._p.stop()
+
+
+def _progress_bar(show: bool, total: int, desc: str) -> _NoBar | _RichBar:
+    return _RichBar(total, desc) if show else _NoBar()
