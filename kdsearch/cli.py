@@ -71,9 +71,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         raise UsageError(f"--model '{args.model}' is neither 'teachers', 'student' nor a known architecture "
                          "(see `kdsearch models`)")
-    summary = {k: v for k, v in out.items() if k != "history"}
-    print(json.dumps(summary, indent=2, default=str))
+    print(json.dumps(_without_history(out), indent=2, default=str))
     return 0
+
+
+def _without_history(obj: Any) -> Any:
+    """Per-epoch histories stay in the metrics JSON files; the terminal gets the summary."""
+    if isinstance(obj, dict):
+        return {k: _without_history(v) for k, v in obj.items() if k != "history"}
+    return obj
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

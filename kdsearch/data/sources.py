@@ -1,0 +1,345 @@
+"""Where the images come from: torchvision CIFAR, an image folder (or a .tar.gz of one), or the synthetic set.
+
+Every source ends as uint8 arrays in memory (see `arrays`). Image folders are decoded once and cached as an
+safetensors file (atomic write) keyed by the folder's or archive's identity, so later loads are a file read.
+Archives are streamed (tarfile) and decoded without being extracted: one pass, no 60k small files on disk.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import tarfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..io import atomic_path, stable_hash
+from .arrays import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, DataBundle, DataError,
+                     ImageArrays, channel_stats)
+from .seeding import generator
+from .synthetic import make_synthetic
+
+if TYPE_CHECKING:
+    from ..spec import DataConfig
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+_CIFAR = {  # dataset -> (torchvision class name, folder torchvision extracts to, files in it, mean, std)
+    "cifar10": ("CIFAR10", "cifar-10-batches-py", ("data_batch_1", "test_batch", "batches.meta"),
+                CIFAR10_MEAN, CIFAR10_STD),
+    "cifar100": ("CIFAR100", "cifar-100-python", ("train", "test", "meta"), CIFAR100_MEAN, CIFAR100_STD),
+}
+_FOLDER_LAYOUT = "a folder (or .tar.gz) with train/<class>/<image> and test/<class>/<image>"
+_SUBSET_STREAMS = {"train": 11, "test": 12}
+_CACHE_FORMAT = 1
+
+
+def data_root(cfg: DataConfig) -> Path:
+    """cfg.root, else $KDSEARCH_DATA, else ~/.cache/kdsearch/data."""
+    root = cfg.root or os.environ.get("KDSEARCH_DATA") or "~/.cache/kdsearch/data"
+    return Path(root).expanduser()
+
+
+def cache_dir() -> Path:
+    """$KDSEARCH_CACHE, else ~/.cache/kdsearch: where decoded image folders are kept."""
+    return Path(os.environ.get("KDSEARCH_CACHE") or "~/.cache/kdsearch").expanduser()
+
+
+# -- subsets --------------------------------------------------------------------------------------------
+def class_balanced_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """Sorted indices of n samples, as balanced over classes as the data allows, chosen by `seed`.
+
+    Each sample gets its rank within a seeded shuffle of its class; taking samples in rank order (ties
+    between classes in a seeded class order) gives every class floor(n / C) or one more, unless a class runs
+    out, in which case the others fill in.
+    """
+    total = labels.numel()
+    if n >= total:
+        return torch.arange(total)
+    g = generator(seed, n, total)
+    perm = torch.randperm(total, generator=g).numpy()  # a seeded shuffle
+    # numpy for the sorts: small single-threaded sorts avoid torch's thread-pool overhead on busy machines
+    classes, inverse = np.unique(labels.cpu().numpy(), return_inverse=True)
+    tie = torch.randperm(len(classes), generator=g).numpy()  # seeded class order within a rank
+    lab = inverse.reshape(-1)[perm]  # class of each shuffled sample
+    by_class = np.argsort(lab, kind="stable")
+    counts = np.bincount(lab, minlength=len(classes))
+    rank = np.empty(total, dtype=np.int64)
+    rank[by_class] = np.arange(total) - (np.cumsum(counts) - counts)[lab[by_class]]
+    take = np.argsort(rank * len(classes) + tie[lab], kind="stable")[:n]
+    return torch.from_numpy(np.sort(perm[take]))
+
+
+def _maybe_subset(arrays: ImageArrays, n: int | None, seed: int, split: str) -> tuple[ImageArrays, bool]:
+    if n is None or n >= len(arrays):
+        return arrays, False
+    return arrays.subset(class_balanced_subset(arrays.labels, n, seed + _SUBSET_STREAMS[split])), True
+
+
+# -- CIFAR via torchvision -------------------------------------------------------------------------------
+def _cifar_missing(cfg: DataConfig, root: Path, why: str) -> DataError:
+    name = "CIFAR-10" if cfg.dataset == "cifar10" else "CIFAR-100"
+    folder = _CIFAR[cfg.dataset][1]
+    return DataError(
+        f"{name} not found under {root} ({why}); put torchvision's files there ({root}/{folder}/, i.e. the "
+        f"extracted official python tarball), or set data.download: true on a machine with internet, or set "
+        f"data.root / $KDSEARCH_DATA to a folder that has them, or use dataset: imagefolder with root: "
+        f"{_FOLDER_LAYOUT}".replace("\n", " ")
+    )
+
+
+def _cifar_present(cfg: DataConfig, root: Path) -> bool:
+    _, folder, files, _, _ = _CIFAR[cfg.dataset]
+    return all((root / folder / f).is_file() for f in files)
+
+
+def _online(host: str = "www.cs.toronto.edu", port: int = 443, timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _load_cifar(cfg: DataConfig, seed: int) -> DataBundle:
+    import torchvision
+
+    cls_name, _, _, mean, std = _CIFAR[cfg.dataset]
+    root = data_root(cfg)
+    present = _cifar_present(cfg, root)
+    if not present and not cfg.download:
+        raise _cifar_missing(cfg, root, "download: false")
+    cls = getattr(torchvision.datasets, cls_name)
+    splits = {}
+    try:
+        for split in ("train", "test"):
+            ds = cls(str(root), train=split == "train", download=not present)
+            images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+            splits[split] = ImageArrays(images, torch.as_tensor(ds.targets, dtype=torch.int64))
+    except Exception as err:  # no internet, a corrupt file, a half download: say how to provide the files
+        why = f"{type(err).__name__}: {err}".replace("\n", " ")[:200]
+        raise _cifar_missing(cfg, root, f"loading failed with {why}") from err
+    return _bundle(cfg, seed, splits, tuple(ds.classes), mean, std, f"{cfg.dataset}-torchvision")
+
+
+# -- image folders and archives -------------------------------------------------------------------------
+def _split_class(parts: tuple[str, ...]) -> tuple[str, str] | None:
+    """('prefix', ..., 'train'|'test', class, file) -> (split, class), else None."""
+    if len(parts) >= 3 and parts[-3] in ("train", "test") and parts[-1].lower().endswith(IMG_EXTENSIONS):
+        if not parts[-1].startswith("."):
+            return parts[-3], parts[-2]
+    return None
+
+
+def _folder_base(root: Path) -> Path:
+    """root itself when it holds train/ and test/, or its single subfolder that does (an extracted archive)."""
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        return root
+    subs = [p for p in root.iterdir() if p.is_dir() and (p / "train").is_dir() and (p / "test").is_dir()]
+    if len(subs) == 1:
+        return subs[0]
+    raise DataError(f"imagefolder root {root} has no train/ and test/ folders; give {_FOLDER_LAYOUT}")
+
+
+def _folder_files(base: Path) -> list[tuple[str, str, Path]]:
+    out = []
+    for split in ("train", "test"):
+        for cdir in sorted(p for p in (base / split).iterdir() if p.is_dir()):
+            for f in sorted(cdir.iterdir()):
+                sc = _split_class((split, cdir.name, f.name))
+                if sc and f.is_file():
+                    out.append((split, cdir.name, f))
+    return out
+
+
+def _identity(root: Path) -> tuple[str, str]:
+    """(name, key): a cheap fingerprint that changes when the archive or a class folder changes."""
+    if root.is_file():
+        st = root.stat()
+        return root.name.removesuffix(".gz").removesuffix(".tar").removesuffix(".tgz"), stable_hash(
+            [str(root.resolve()), st.st_size, st.st_mtime_ns, _CACHE_FORMAT])
+    base = _folder_base(root)
+    dirs = [(s, d.name, d.stat().st_mtime_ns, len(os.listdir(d)))
+            for s in ("train", "test") for d in sorted((base / s).iterdir()) if d.is_dir()]
+    return base.name, stable_hash([str(base.resolve()), dirs, _CACHE_FORMAT])
+
+
+def _decode(blob: bytes, where: str) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_image
+
+    try:
+        return decode_image(torch.frombuffer(bytearray(blob), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError):
+        from PIL import Image  # formats libjpeg/libpng do not cover (bmp, tiff, ...)
+
+        try:
+            with Image.open(io.BytesIO(blob)) as im:
+                return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+        except Exception as err:
+            raise DataError(f"cannot decode image {where}: {type(err).__name__}: {err}") from err
+
+
+def _entries(root: Path) -> Iterable[tuple[str, str, str, bytes]]:
+    """(split, class, name, bytes) for every image of a folder or archive."""
+    if root.is_dir():
+        for split, cls, f in _folder_files(_folder_base(root)):
+            yield split, cls, str(f), f.read_bytes()
+        return
+    try:
+        with tarfile.open(root, "r:*") as tf:
+            for m in tf:
+                sc = _split_class(tuple(m.name.split("/"))) if m.isfile() else None
+                if sc:
+                    yield sc[0], sc[1], m.name, tf.extractfile(m).read()  # type: ignore[union-attr]
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise DataError(f"cannot read archive {root} ({type(err).__name__}: {err}); give {_FOLDER_LAYOUT}") from err
+
+
+def decode_folder(root: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Decode every image of an image folder / archive: the tensors and metadata the cache stores."""
+    items = sorted(_entries(root), key=lambda t: (t[0], t[1], t[2]))
+    classes = sorted({c for s, c, _, _ in items if s == "train"})
+    test_classes = sorted({c for s, c, _, _ in items if s == "test"})
+    if len(classes) < 2 or not test_classes:
+        raise DataError(f"imagefolder {root} needs >= 2 classes with images in train/ and test/; give {_FOLDER_LAYOUT}")
+    if set(test_classes) - set(classes):
+        raise DataError(f"imagefolder {root}: test classes {sorted(set(test_classes) - set(classes))} are not in train/")
+    index = {c: k for k, c in enumerate(classes)}
+    decoded = {split: [(_decode(blob, name), cls, name) for s, cls, name, blob in items if s == split]
+               for split in ("train", "test")}
+    del items
+    shape = decoded["train"][0][0].shape
+    tensors: dict[str, torch.Tensor] = {}
+    for split, rows in decoded.items():
+        for x, _, name in rows:
+            if x.shape != shape:
+                raise DataError(f"imagefolder images must share one size: {name} is {tuple(x.shape)}, "
+                                f"others {tuple(shape)}; resize them first")
+        tensors[f"{split}_images"] = torch.stack([x for x, _, _ in rows])
+        tensors[f"{split}_labels"] = torch.tensor([index[c] for _, c, _ in rows], dtype=torch.int64)
+    mean, std = channel_stats(tensors["train_images"])
+    meta = {"classes": json.dumps(classes), "mean": json.dumps(mean), "std": json.dumps(std)}
+    return tensors, meta
+
+
+def _cache_file(root: Path) -> tuple[Path, str]:
+    name, key = _identity(root)
+    return cache_dir() / "imagefolder" / f"{name}-{key}.safetensors", f"{name}:{key}"
+
+
+def _load_imagefolder(cfg: DataConfig, seed: int) -> DataBundle:
+    root = _check_imagefolder(cfg)
+    path, ident = _cache_file(root)
+    tensors: dict[str, torch.Tensor] = {}
+    if path.is_file():  # safetensors: a memory map, copied out so that the file may be replaced later
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata()
+                tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
+        except Exception:  # an unreadable cache is only a cache: decode again
+            tensors = {}
+    if not tensors:
+        tensors, meta = decode_folder(root)
+        with atomic_path(path) as tmp:
+            save_file(tensors, tmp, metadata=meta)
+    splits = {s: ImageArrays(tensors[f"{s}_images"], tensors[f"{s}_labels"]) for s in ("train", "test")}
+    mean = tuple(json.loads(meta["mean"]))
+    std = tuple(json.loads(meta["std"]))
+    classes = tuple(json.loads(meta["classes"]))
+    if cfg.num_classes is not None and cfg.num_classes != len(classes):
+        raise DataError(f"data.num_classes is {cfg.num_classes} but {root} has {len(classes)} classes "
+                        f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}); remove num_classes")
+    return _bundle(cfg, seed, splits, classes, mean, std, f"imagefolder-v1:{ident}")  # type: ignore[arg-type]
+
+
+def _check_imagefolder(cfg: DataConfig) -> Path:
+    root = Path(cfg.root).expanduser()
+    if not root.exists():
+        raise DataError(f"imagefolder root {root} does not exist; give {_FOLDER_LAYOUT}")
+    if root.is_dir():
+        base = _folder_base(root)
+        for split in ("train", "test"):
+            if not any(p.is_dir() for p in (base / split).iterdir()):
+                raise DataError(f"imagefolder {base}/{split} has no class folders; give {_FOLDER_LAYOUT}")
+    elif not tarfile.is_tarfile(root):
+        raise DataError(f"imagefolder root {root} is neither a folder nor a tar archive; give {_FOLDER_LAYOUT}")
+    return root
+
+
+def _scan_archive(root: Path) -> None:
+    """Read member names until both splits have an image (no decoding): a malformed archive fails here."""
+    seen: set[str] = set()
+    try:
+        with tarfile.open(root, "r:*") as tf:
+            for m in tf:
+                sc = _split_class(tuple(m.name.split("/"))) if m.isfile() else None
+                if sc:
+                    seen.add(sc[0])
+                    if len(seen) == 2:
+                        return
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise DataError(f"cannot read archive {root} ({type(err).__name__}: {err}); give {_FOLDER_LAYOUT}") from err
+    raise DataError(f"archive {root} has no images under {', '.join({'train', 'test'} - seen)}/<class>/; "
+                    f"give {_FOLDER_LAYOUT}")
+
+
+# -- entry points ---------------------------------------------------------------------------------------
+def _bundle(cfg: DataConfig, seed: int, splits: dict[str, ImageArrays], classes: tuple[str, ...],
+            mean: tuple[float, ...], std: tuple[float, ...], source: str) -> DataBundle:
+    train, sub_tr = _maybe_subset(splits["train"], cfg.train_size, seed, "train")
+    test, sub_te = _maybe_subset(splits["test"], cfg.test_size, seed, "test")
+    version = f"{source}:n={len(train)}/{len(test)}:c={len(classes)}"
+    if sub_tr or sub_te:
+        version += f":subset-seed={seed}"
+    return DataBundle(train, test, len(classes), classes, mean, std, version)  # type: ignore[arg-type]
+
+
+def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
+    """The train and test splits of `cfg.dataset` as uint8 arrays, with class names, statistics and provenance.
+
+    `cfg.train_size` / `test_size` are the sizes of the synthetic sets, or pick a class-balanced subset
+    (seeded by `seed`) of a real split. Raises `DataError` (one line, with the fix) when data is missing.
+    """
+    ds = cfg.dataset
+    if ds in _CIFAR:
+        return _load_cifar(cfg, seed)
+    if ds == "imagefolder":
+        return _load_imagefolder(cfg, seed)
+    if ds == "synthetic":
+        train, test, version = make_synthetic(cfg.num_classes, cfg.train_size or 50_000,
+                                              cfg.test_size or 10_000, seed=seed)
+        mean, std = channel_stats(train.images)
+        names = tuple(f"class_{k:0{len(str(cfg.num_classes - 1))}d}" for k in range(cfg.num_classes))
+        return DataBundle(train, test, cfg.num_classes, names, mean, std, version)  # type: ignore[arg-type]
+    raise DataError(f"unknown dataset {ds!r}; choose cifar10, cifar100, imagefolder or synthetic")
+
+
+def check_data(cfg: DataConfig) -> None:
+    """Raise `DataError` now, before any compute, when `load_data(cfg)` could not find its data.
+
+    Cheap: file-existence checks, a directory listing, or reading archive member names until both splits
+    show up; no image is decoded. For CIFAR with `download: true` and no files it checks that the download
+    host is reachable.
+    """
+    ds = cfg.dataset
+    if ds in _CIFAR:
+        root = data_root(cfg)
+        if _cifar_present(cfg, root):
+            return
+        if not cfg.download:
+            raise _cifar_missing(cfg, root, "download: false")
+        if not _online():
+            raise _cifar_missing(cfg, root, "no internet to download it")
+    elif ds == "imagefolder":
+        root = _check_imagefolder(cfg)
+        if root.is_file() and not _cache_file(root)[0].is_file():
+            _scan_archive(root)
+    elif ds != "synthetic":
+        raise DataError(f"unknown dataset {ds!r}; choose cifar10, cifar100, imagefolder or synthetic")
