@@ -27,7 +27,7 @@ def provenance(spec_dict: dict[str, Any] | None = None, **extra: Any) -> dict[st
     return {
         "kdsearch_version": __version__,
         "git_commit": git_commit(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
         "host": platform.node(),
         **({"spec": spec_dict} if spec_dict is not None else {}),
         **extra,
