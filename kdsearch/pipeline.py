@@ -41,15 +41,23 @@ def _teachers(spec: Spec, ctx: RunContext) -> dict[str, Any]:
 
 
 def _baselines(spec: Spec, ctx: RunContext) -> dict[str, Any]:
-    from .stages.train_models import train_scratch_student
+    from .stages.baselines import train_baselines
 
-    m = train_scratch_student(spec, ctx)
-    return {"scratch": {"arch": m["arch"], "test_acc": m["test_acc"]}}
+    out = train_baselines(spec, ctx)
+    return {k: {"arch": m["arch"], "test_acc": m["test_acc"]} for k, m in out.items()}
+
+
+def _sensitivity(spec: Spec, ctx: RunContext) -> dict[str, Any]:
+    from .sensitivity import sensitivity_stage
+
+    return sensitivity_stage(spec, ctx)
 
 
 STAGES: tuple[Stage, ...] = (
     Stage("teachers", _teachers, reads=("seed", "data", "teachers")),
-    Stage("baselines", _baselines, reads=("seed", "data", "student"), after=("teachers",)),
+    Stage("baselines", _baselines, reads=("seed", "data", "student", "distill"), after=("teachers",)),
+    Stage("sensitivity", _sensitivity, reads=("seed", "data", "student", "quant", "sensitivity", "search"),
+          after=("baselines",)),
 )
 
 

@@ -38,12 +38,12 @@ def scratch_student_path(run_dir: Path) -> Path:
     return run_dir / "students" / "scratch.pt"
 
 
-def _inputs_key(spec: Spec, arch: str, cfg: TrainConfig, extra: Any = None) -> str:
+def inputs_key(spec: Spec, arch: str, cfg: TrainConfig, extra: Any = None) -> str:
     return stable_hash({"data": spec.data.model_dump(mode="json"), "arch": arch, "train": cfg.model_dump(mode="json"),
                         "seed": model_seed(spec, arch), "extra": extra})
 
 
-def _is_current(path: Path, key: str) -> bool:
+def is_current(path: Path, key: str) -> bool:
     if not path.is_file():
         return False
     return read_model_file(path).get("meta", {}).get("inputs_key") == key
@@ -53,8 +53,8 @@ def train_float_model(
     spec: Spec, arch: str, cfg: TrainConfig, out: Path, *, device: torch.device, progress: bool = False
 ) -> dict[str, Any]:
     """Train `arch` from scratch per `cfg` and write `out` (+ `out.json` metrics); skip if already current."""
-    key = _inputs_key(spec, arch, cfg)
-    if _is_current(out, key):
+    key = inputs_key(spec, arch, cfg)
+    if is_current(out, key):
         log.info("%s: %s is done (same inputs); skipping", arch, out)
         return dict(read_model_file(out)["metrics"])
     bundle = load_data(spec.data, seed=spec.seed)
@@ -75,8 +75,8 @@ def train_float_model(
 
 def import_teacher(spec: Spec, arch: str, src: str, out: Path, *, device: torch.device) -> dict[str, Any]:
     """A teacher the user trained elsewhere: load weights-only, measure it on our test split, keep a copy."""
-    key = _inputs_key(spec, arch, TrainConfig(), extra={"checkpoint": str(src)})
-    if _is_current(out, key):
+    key = inputs_key(spec, arch, TrainConfig(), extra={"checkpoint": str(src)})
+    if is_current(out, key):
         return dict(read_model_file(out)["metrics"])
     bundle = load_data(spec.data, seed=spec.seed)
     model, _ = load_model(src, arch=arch, num_classes=bundle.num_classes)
