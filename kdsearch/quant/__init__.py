@@ -1,0 +1,70 @@
+"""Mixed-precision quantization-aware training: LSQ quantizers, module swap, BitConfig, size model, export.
+
+    inv = layer_inventory(model)                                  # names, kinds, params, MACs
+    cfg = BitConfig.uniform(inv, 4, pin={"first": 8, "last": 8})  # or a searched {layer: bits} dict
+    quantize(model, cfg, act_bits=8, calib=x)                     # in place; then train as usual (QAT)
+    model_size(model).total_mb                                    # bytes the exported file holds
+    export_quantized(model, "m.kdq", arch="resnet18"); load_quantized("m.kdq")
+"""
+
+from .api import act_bits_of, bit_config_of, calibrate, is_quantized, quantize, quantizer_parameters
+from .bitconfig import (
+    SUPPORTED_BITS,
+    BitConfig,
+    LayerInfo,
+    layer_inventory,
+    quantizable_layers,
+    resolve_act_bits,
+)
+from .export import export_quantized, load_quantized, pack_bits, read_metadata, unpack_bits
+from .onnx_export import export_onnx
+from .layers import FoldingBatchNorm1d, FoldingBatchNorm2d, QuantConv2d, QuantLinear, bypass_quantization
+from .quantizers import (
+    HalfQuantizer,
+    LsqActQuantizer,
+    LsqWeightQuantizer,
+    init_act_step,
+    init_weight_step,
+    lsq_fake_quant,
+    lsq_function,
+    lsq_grad_scale,
+)
+from .size import SizeReport, StoredTensor, model_size, storage_plan
+
+__all__ = [
+    "SUPPORTED_BITS",
+    "BitConfig",
+    "FoldingBatchNorm1d",
+    "FoldingBatchNorm2d",
+    "HalfQuantizer",
+    "LayerInfo",
+    "LsqActQuantizer",
+    "LsqWeightQuantizer",
+    "QuantConv2d",
+    "QuantLinear",
+    "SizeReport",
+    "StoredTensor",
+    "act_bits_of",
+    "bit_config_of",
+    "bypass_quantization",
+    "calibrate",
+    "export_onnx",
+    "export_quantized",
+    "init_act_step",
+    "init_weight_step",
+    "is_quantized",
+    "layer_inventory",
+    "load_quantized",
+    "lsq_fake_quant",
+    "lsq_function",
+    "lsq_grad_scale",
+    "model_size",
+    "pack_bits",
+    "quantizable_layers",
+    "quantize",
+    "quantizer_parameters",
+    "read_metadata",
+    "resolve_act_bits",
+    "storage_plan",
+    "unpack_bits",
+]

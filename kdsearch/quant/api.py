@@ -1,0 +1,109 @@
+"""``quantize``: the one verb that turns a float model into a QAT model (torchao's ``quantize_`` pattern).
+
+QAT is then the ordinary training loop on the returned model: the step sizes are ``nn.Parameter``s that any
+optimizer trains (exclude them from weight decay: ``quantizer_parameters``), and the model runs under
+``torch.autocast`` with the quantizer math kept in fp32.
+
+BatchNorm: kept as a separate float layer during QAT (batch statistics in training, as in LSQ), not
+folded into the conv weights before quantization. In eval mode it is evaluated as the per-channel affine
+``y*a + b`` that its running statistics and affine fold into (``FoldingBatchNorm2d``); the exported file
+stores exactly that (a, b), two fp32 per channel, which is also what the size model counts, and the
+reloaded model reproduces the QAT model's eval outputs bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .bitconfig import ActRule, BitConfig, check_act_rule, quantizable_layers, resolve_act_bits
+from .layers import QuantConv2d, QuantLinear, folding_bn, is_quant_layer
+from .quantizers import INITS, LsqActQuantizer, _check_impl
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(is_quant_layer(m) for m in model.modules())
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def quantize(
+    model: nn.Module,
+    bit_config: BitConfig | dict[str, int],
+    act_bits: ActRule = 8,
+    *,
+    calib: torch.Tensor | None = None,
+    weight_init: str = "mse",
+    act_init: str = "mse",
+    impl: str = "auto",
+) -> nn.Module:
+    """Swap every Conv2d/Linear of ``model`` (in place) for its quantized wrapper; return ``model``.
+
+    ``bit_config`` must name every quantizable layer (``BitConfig.validate``); 32-bit layers stay float
+    modules. ``act_bits`` is the activation rule (``resolve_act_bits``). ``weight_init``: "mse" (default,
+    lowest measured error), "lsq", "max", or "none" (steps left at 1, for loading a checkpoint).
+    Activation steps initialise from the first batch the layer sees, or from ``calib`` if given (one
+    no-grad forward in eval mode; the model's train/eval modes are restored afterwards).
+    """
+    if is_quantized(model):
+        raise ValueError("quantize: the model is already quantized; quantize a fresh float model")
+    cfg = bit_config if isinstance(bit_config, BitConfig) else BitConfig.from_dict(bit_config)
+    cfg = cfg.validate(model)
+    check_act_rule(act_bits)
+    _check_impl(impl)
+    if weight_init not in INITS:
+        raise ValueError(f"quantize: weight_init must be one of {INITS}, got {weight_init!r}")
+    if act_init not in INITS[:3]:
+        raise ValueError(f"quantize: act_init must be one of {INITS[:3]}, got {act_init!r}")
+    for name, layer in quantizable_layers(model):
+        bits = cfg[name]
+        if bits == 32:
+            continue
+        cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
+        new = cls.from_float(layer, bits, resolve_act_bits(bits, act_bits), impl=impl, act_init=act_init)
+        if hasattr(new.weight_quantizer, "init_from"):
+            new.weight_quantizer.init_from(layer.weight, weight_init)
+        _set_module(model, name, new)
+    for name, m in list(model.named_modules()):
+        bn = folding_bn(m)
+        if bn is not None:
+            _set_module(model, name, bn)
+    if calib is not None:
+        calibrate(model, calib)
+    return model
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, x: torch.Tensor) -> None:
+    """(Re-)initialise every activation step from one eval-mode forward of ``x``."""
+    quantizers = [m for m in model.modules() if isinstance(m, LsqActQuantizer)]
+    for q in quantizers:
+        q._initialized = False
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        model(x)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def bit_config_of(model: nn.Module) -> BitConfig:
+    """The weight bits the (quantized or float) model actually runs with; float layers count as 32."""
+    return BitConfig(
+        {n: (m.weight_bits if is_quant_layer(m) else 32) for n, m in quantizable_layers(model)}  # type: ignore[union-attr]
+    )
+
+
+def act_bits_of(model: nn.Module) -> dict[str, int | None]:
+    """Per-layer input quantization: integer bits, 16 (fp16 cast) or None (float)."""
+    return {n: (m.act_bits if is_quant_layer(m) else None) for n, m in quantizable_layers(model)}  # type: ignore[union-attr]
+
+
+def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The learnable step sizes (to put in a no-weight-decay parameter group)."""
+    return [p for n, p in model.named_parameters() if n.endswith("_quantizer.step")]

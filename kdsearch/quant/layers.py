@@ -1,0 +1,226 @@
+"""Quantized drop-in replacements for ``nn.Conv2d`` and ``nn.Linear`` (torchao-style module swap).
+
+The wrappers *are* ``nn.Conv2d`` / ``nn.Linear`` subclasses that share the float layer's ``weight`` and
+``bias`` parameters, so ``isinstance`` checks, initialisers, optimiser parameter groups and
+``state_dict`` keys of the float model keep working; the quantizers add their own parameters
+(``weight_quantizer.step``, ``act_quantizer.step``) and buffers.
+
+Forward: quantize the input (activation quantizer: LSQ, fp16 cast, or nothing), quantize the weight
+(LSQ per channel, or fp16), then the ordinary conv/linear. The quantizer math runs in fp32 with autocast
+disabled; the conv/linear itself runs under whatever autocast is active (bf16 on GPU rounds q*s to bf16:
+8 significant bits, which represents every int8 code exactly and the product to 2^-9 relative).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .quantizers import HalfQuantizer, LsqActQuantizer, LsqWeightQuantizer
+
+Quantizer = LsqWeightQuantizer | LsqActQuantizer | HalfQuantizer
+
+
+def make_weight_quantizer(bits: int, out_channels: int, impl: str) -> LsqWeightQuantizer | HalfQuantizer | None:
+    if bits == 32:
+        return None
+    if bits == 16:
+        return HalfQuantizer()
+    return LsqWeightQuantizer(bits, out_channels, impl)
+
+
+def make_act_quantizer(act_bits: int | None, impl: str, init: str) -> LsqActQuantizer | HalfQuantizer | None:
+    if act_bits is None or act_bits == 32:
+        return None
+    if act_bits == 16:
+        return HalfQuantizer()
+    return LsqActQuantizer(act_bits, impl, init)
+
+
+class _QuantMixin:
+    """Shared by QuantConv2d / QuantLinear: the two quantizers and the fp32 quantization step."""
+
+    weight: nn.Parameter
+    weight_quantizer: LsqWeightQuantizer | HalfQuantizer | None
+    act_quantizer: LsqActQuantizer | HalfQuantizer | None
+    _bypass: bool
+
+    @property
+    def weight_bits(self) -> int:
+        return 32 if self.weight_quantizer is None else int(self.weight_quantizer.bits)
+
+    @property
+    def act_bits(self) -> int | None:
+        return None if self.act_quantizer is None else int(self.act_quantizer.bits)
+
+    def quantized_weight(self) -> Tensor:
+        """The fake-quantized fp32 weight used by the forward pass."""
+        with torch.autocast(device_type=self.weight.device.type, enabled=False):
+            w = self.weight.float()
+            return w if self.weight_quantizer is None else self.weight_quantizer(w)
+
+    def _operands(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if torch.onnx.is_in_onnx_export():
+            from .onnx_export import qdq_operands
+
+            return qdq_operands(self, x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            if self.act_quantizer is not None:
+                x = self.act_quantizer(x.float())
+        return x, self.quantized_weight()
+
+
+class QuantConv2d(_QuantMixin, nn.Conv2d):
+    @classmethod
+    def from_float(
+        cls,
+        conv: nn.Conv2d,
+        weight_bits: int,
+        act_bits: int | None,
+        *,
+        impl: str = "auto",
+        act_init: str = "mse",
+    ) -> QuantConv2d:
+        q = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+            conv.groups, conv.bias is not None, conv.padding_mode, device="meta", dtype=conv.weight.dtype,
+        )  # fmt: skip
+        q.weight, q.bias = conv.weight, conv.bias  # share, do not copy
+        q.weight_quantizer = make_weight_quantizer(weight_bits, conv.out_channels, impl)
+        q.act_quantizer = make_act_quantizer(act_bits, impl, act_init)
+        q._bypass = False
+        q.train(conv.training)
+        return q.to(conv.weight.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._bypass:
+            return super().forward(x)
+        x, w = self._operands(x)
+        return self._conv_forward(x, w, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, weight_bits={self.weight_bits}, act_bits={self.act_bits}"
+
+
+class QuantLinear(_QuantMixin, nn.Linear):
+    @classmethod
+    def from_float(
+        cls,
+        linear: nn.Linear,
+        weight_bits: int,
+        act_bits: int | None,
+        *,
+        impl: str = "auto",
+        act_init: str = "mse",
+    ) -> QuantLinear:
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta",
+                dtype=linear.weight.dtype)  # fmt: skip
+        q.weight, q.bias = linear.weight, linear.bias
+        q.weight_quantizer = make_weight_quantizer(weight_bits, linear.out_features, impl)
+        q.act_quantizer = make_act_quantizer(act_bits, impl, act_init)
+        q._bypass = False
+        q.train(linear.training)
+        return q.to(linear.weight.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._bypass:
+            return super().forward(x)
+        x, w = self._operands(x)
+        return F.linear(x, w, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, weight_bits={self.weight_bits}, act_bits={self.act_bits}"
+
+
+class _EvalFoldMixin:
+    """BatchNorm that, in eval mode, computes ``x * a + b`` with the per-channel (a, b) that export stores.
+
+    Why: the exported file folds BN's running statistics and affine into (a, b) (2 floats per channel).
+    Evaluating the QAT model with the very same arithmetic makes the reloaded model bit-identical to it;
+    with the native BN kernel, 1-ulp differences flip the rounding of a few downstream activation codes,
+    and one flipped code moves the logits by ~1e-3. Training mode is the ordinary BN (batch statistics).
+    """
+
+    weight: nn.Parameter
+    bias: nn.Parameter
+    running_mean: Tensor
+    running_var: Tensor
+    eps: float
+
+    def folded_affine(self) -> tuple[Tensor, Tensor]:
+        invstd = 1.0 / torch.sqrt(self.running_var.float() + self.eps)
+        a = self.weight.float() * invstd
+        return a, self.bias.float() - self.running_mean.float() * a
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:  # type: ignore[attr-defined]
+            return super().forward(x)  # type: ignore[misc]
+        a, b = self.folded_affine()
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x * a.view(shape) + b.view(shape)
+
+    @classmethod
+    def from_float(cls, bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
+        new = cls(bn.num_features, bn.eps, bn.momentum, True, True, device="meta")  # type: ignore[call-arg]
+        new.weight, new.bias = bn.weight, bn.bias
+        new.running_mean, new.running_var = bn.running_mean, bn.running_var
+        new.num_batches_tracked = bn.num_batches_tracked
+        new.train(bn.training)
+        return new
+
+
+class FoldingBatchNorm1d(_EvalFoldMixin, nn.BatchNorm1d):
+    pass
+
+
+class FoldingBatchNorm2d(_EvalFoldMixin, nn.BatchNorm2d):
+    pass
+
+
+def folding_bn(bn: nn.Module) -> nn.Module | None:
+    """The eval-folding replacement for an affine, tracking BatchNorm1d/2d; None for anything else."""
+    if isinstance(bn, _EvalFoldMixin) or not (getattr(bn, "affine", False) and getattr(bn, "track_running_stats", False)):
+        return None
+    if type(bn) is nn.BatchNorm2d:
+        return FoldingBatchNorm2d.from_float(bn)
+    if type(bn) is nn.BatchNorm1d:
+        return FoldingBatchNorm1d.from_float(bn)
+    return None
+
+
+def unit_running_var(eps: float) -> float:
+    """An fp32 value r with r + eps == 1 exactly in fp32: a folded BN loads as mean 0, var r, so 1/sqrt = 1."""
+    r = torch.tensor(1.0 - eps, dtype=torch.float32)
+    for _ in range(64):
+        total = float(r + eps)
+        if total == 1.0:
+            return float(r)
+        r = torch.nextafter(r, torch.tensor(-1.0 if total > 1.0 else 2.0))
+    raise ValueError(f"BatchNorm eps={eps}: no fp32 variance r with r + eps == 1")
+
+
+QUANT_LAYER_TYPES = (QuantConv2d, QuantLinear)
+
+
+def is_quant_layer(m: nn.Module) -> bool:
+    return isinstance(m, QUANT_LAYER_TYPES)
+
+
+@contextlib.contextmanager
+def bypass_quantization(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` as its float self (no quantizer runs, none is lazily initialised) inside the block.
+
+    Used by the layer inventory, whose zero batch must not become the activation calibration batch.
+    """
+    layers = [m for m in model.modules() if is_quant_layer(m)]
+    for m in layers:
+        m._bypass = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m._bypass = False

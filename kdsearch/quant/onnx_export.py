@@ -1,0 +1,137 @@
+"""ONNX export with QuantizeLinear/DequantizeLinear (QDQ) nodes: the standard form runtimes fuse into int8 kernels.
+
+What ONNX (opset 13) can express, and how each layer is written:
+
+* integer weights (2-8 bits): an int8 initializer holding the codes q and ``DequantizeLinear(q, step, 0,
+  axis=0)``. Exact for every bit-width, but sub-8-bit codes occupy a whole int8 each: ONNX has no 2/3/5/6-bit
+  type (int4 only from opset 21), so the *compressed* artifact is the safetensors file, not the ONNX one.
+* integer activations (2-8 bits): ``Clip(x, -Qn*s, Qp*s) -> QuantizeLinear(s, zp) -> DequantizeLinear``,
+  zero point int8 (signed) or uint8 (unsigned). The Clip narrows the 8-bit container to the layer's b-bit
+  range, so the QDQ pair reproduces LSQ's b-bit rounding exactly.
+* 16-bit layers: Cast to fp16 and back for inputs; weights as fp32 constants holding fp16-rounded values
+  (the TorchScript exporter folds a constant fp16 -> fp32 Cast away whatever we emit).
+  Constant folding is off: it would fold DequantizeLinear of the int8 codes back into fp32 weights.
+* BatchNorm: the folded per-channel affine (Mul, Add), as in the safetensors file.
+
+Needs the ``onnx`` package (PyTorch's TorchScript-based exporter refuses to run without it). Outputs match the
+PyTorch model to float rounding: a conv whose sum is ordered differently can move a downstream activation
+across a rounding boundary, so compare with a tolerance, not bitwise.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+from torch import Tensor, nn
+
+from .quantizers import HalfQuantizer, LsqActQuantizer, LsqWeightQuantizer
+
+
+class _ActQDQ(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, step: float, qn: int, qp: int, signed: bool) -> Tensor:  # type: ignore[override]
+        return torch.clamp(torch.round(x / step), -qn, qp) * step
+
+    @staticmethod
+    def symbolic(g, x, step: float, qn: int, qp: int, signed: bool):  # type: ignore[no-untyped-def]
+        const = lambda t: g.op("Constant", value_t=t)  # noqa: E731
+        s = const(torch.tensor(step, dtype=torch.float32))
+        zp = const(torch.tensor(0, dtype=torch.int8 if signed else torch.uint8))
+        lo, hi = const(torch.tensor(-qn * step, dtype=torch.float32)), const(torch.tensor(qp * step, dtype=torch.float32))
+        q = g.op("QuantizeLinear", g.op("Clip", x, lo, hi), s, zp)
+        return g.op("DequantizeLinear", q, s, zp)
+
+
+class _WeightDQ(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, scale: Tensor, zp: Tensor) -> Tensor:  # type: ignore[override]
+        return q.float() * scale.view(-1, *([1] * (q.dim() - 1)))
+
+    @staticmethod
+    def symbolic(g, q, scale, zp):  # type: ignore[no-untyped-def]
+        return g.op("DequantizeLinear", q, scale, zp, axis_i=0)
+
+
+class _HalfCast(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        return x.clamp(-65504.0, 65504.0).half().float()
+
+    @staticmethod
+    def symbolic(g, x):  # type: ignore[no-untyped-def]
+        return g.op("Cast", g.op("Cast", x, to_i=10), to_i=1)  # 10 = FLOAT16, 1 = FLOAT
+
+
+class _ChannelAffine(nn.Module):
+    """BatchNorm folded to ``x * a + b`` (per channel), precomputed so the graph holds two constants."""
+
+    def __init__(self, a: Tensor, b: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("a", a.detach().clone())
+        self.register_buffer("b", b.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return x * self.a.view(shape) + self.b.view(shape)
+
+
+@torch.no_grad()
+def _prepare(model: nn.Module) -> None:
+    """Precompute integer codes, steps and BN affines outside the trace (else their arithmetic is traced)."""
+    from .api import _set_module
+    from .layers import _EvalFoldMixin, is_quant_layer
+
+    for name, m in list(model.named_modules()):
+        if isinstance(m, _EvalFoldMixin):
+            _set_module(model, name, _ChannelAffine(*m.folded_affine()))
+        elif is_quant_layer(m):
+            aq, wq = m.act_quantizer, m.weight_quantizer
+            cache: dict[str, object] = {}
+            if isinstance(aq, LsqActQuantizer):
+                if not aq.is_initialized:
+                    raise ValueError(f"export_onnx: activation quantizer of {name!r} never saw data; calibrate first")
+                qn, qp = aq.qrange
+                cache["act"] = (float(aq.step.clamp_min(1e-8)), qn, qp, aq.is_signed)
+            if isinstance(wq, LsqWeightQuantizer):
+                q = wq.integers(m.weight).to(torch.int8)
+                cache["weight"] = (q, wq.effective_step().clone(), torch.zeros(q.shape[0], dtype=torch.int8))
+            elif isinstance(wq, HalfQuantizer):
+                cache["half_weight"] = m.weight.float().clamp(-65504.0, 65504.0).half().float()
+            m._onnx_cache = cache
+
+
+def qdq_operands(layer: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """The (input, weight) of a quantized layer as QDQ-expressible ops; used while exporting to ONNX."""
+    cache = getattr(layer, "_onnx_cache", None)
+    if cache is None:
+        raise RuntimeError("qdq_operands: use kdsearch.quant.export_onnx, which prepares the layers")
+    if "act" in cache:
+        x = _ActQDQ.apply(x, *cache["act"])
+    elif isinstance(layer.act_quantizer, HalfQuantizer):
+        x = _HalfCast.apply(x)
+    if "weight" in cache:
+        w = _WeightDQ.apply(*cache["weight"])
+    elif "half_weight" in cache:
+        w = cache["half_weight"]
+    else:
+        w = layer.weight
+    return x, w
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_input: Tensor, opset: int = 13) -> None:
+    """Write ``model`` (quantized, calibrated; CPU) as ONNX with QDQ nodes, atomically."""
+    try:
+        import onnx  # noqa: F401
+    except ImportError as e:  # the exporter itself needs it
+        raise ImportError("export_onnx needs the 'onnx' package: pip install onnx") from e
+    from kdsearch.io import atomic_path
+
+    m = copy.deepcopy(model).cpu().eval()
+    _prepare(m)
+    with atomic_path(path) as tmp, torch.no_grad():
+        torch.onnx.export(
+            m, (example_input.cpu(),), str(tmp), dynamo=False, opset_version=opset, do_constant_folding=False,
+            input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        )  # fmt: skip

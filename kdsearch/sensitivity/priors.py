@@ -1,0 +1,98 @@
+"""The priors the sensitivity table gives the bit-width search.
+
+(a) Warm starts: the exact minimum-sensitivity allocation (``kdsearch.allocate``) for each of the spec's
+    budgets and for a few budgets around each (``sensitivity.budgets_around`` multiples), so the sampler
+    starts from configurations that already respect the table.
+(b) Exclusions: (layer, bits) pairs whose sensitivity exceeds ``sensitivity.exclude_above`` are never
+    offered to that layer. A layer always keeps its least sensitive choice, so the space stays non-empty.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pandas as pd
+
+from ..allocate import min_total_bytes, solve_allocations
+
+METRIC_COLUMNS = {"kl": "omega_kl", "hessian": "omega_hessian"}
+
+
+def metric_column(metric: str) -> str:
+    """The table column of a spec's ``sensitivity.metric`` ("kl" -> "omega_kl", ...)."""
+    try:
+        return METRIC_COLUMNS[metric]
+    except KeyError:
+        raise ValueError(f"sensitivity.metric must be one of {sorted(METRIC_COLUMNS)}, got {metric!r}") from None
+
+
+def excluded_choices(
+    table: pd.DataFrame, threshold: float | None, metric: str = "omega_kl", pinned: Mapping[str, int] | None = None
+) -> dict[str, list[int]]:
+    """{layer: [bits whose ``metric`` > threshold]}; never the layer's least sensitive width, never pinned layers.
+
+    ``metric`` is a table column ("omega_kl"/"omega_hessian") or a spec metric name ("kl"/"hessian").
+    """
+    if threshold is None:
+        return {}
+    col = METRIC_COLUMNS.get(metric, metric)
+    out: dict[str, list[int]] = {}
+    for name, rows in table.groupby("layer", sort=False):
+        if name in (pinned or {}):
+            continue
+        safest = int(rows.sort_values([col, "bits"], ascending=[True, False])["bits"].iloc[0])
+        bad = sorted((int(b) for b, v in zip(rows["bits"], rows[col]) if v > threshold and int(b) != safest),
+                     reverse=True)
+        if bad:
+            out[str(name)] = bad
+    return out
+
+
+def layer_choices(
+    names: Sequence[str], bits: Sequence[int], pinned: Mapping[str, int], excluded: Mapping[str, Sequence[int]]
+) -> dict[str, list[int]]:
+    """The search space per layer: its pinned width, or the spec's widths minus the excluded ones."""
+    return {n: [pinned[n]] if n in pinned else [b for b in bits if b not in set(excluded.get(n, ()))] for n in names}
+
+
+def budget_grid(budgets_mb: Sequence[float], around: Sequence[float]) -> list[dict[str, float]]:
+    """Each spec budget (multiple 1.0) followed by its ``around`` multiples, de-duplicated, in that order."""
+    out, seen = [], set()
+    for base in budgets_mb:
+        for mult in (1.0, *around):
+            budget_bytes = int(round(base * mult * 1e6, 6))  # MB = 1e6 bytes; round off float noise
+            if budget_bytes in seen:
+                continue
+            seen.add(budget_bytes)
+            out.append({"base_budget_mb": float(base), "multiple": float(mult), "budget_bytes": budget_bytes})
+    return out
+
+
+def warm_starts(
+    table: pd.DataFrame,
+    fixed_bytes: int,
+    budgets_mb: Sequence[float],
+    around: Sequence[float] = (),
+    *,
+    metric: str = "omega_kl",
+    pinned: Mapping[str, int] | None = None,
+    excluded: Mapping[str, Sequence[int]] | None = None,
+) -> list[dict[str, Any]]:
+    """One record per budget: the solver's ``bit_config`` (a dict, or None when infeasible) and its size."""
+    col = METRIC_COLUMNS.get(metric, metric)
+    grid = budget_grid(budgets_mb, around)
+    allocs = solve_allocations(table, [g["budget_bytes"] for g in grid], fixed_bytes, pinned,
+                               metric=col, excluded=excluded)
+    smallest = min_total_bytes(table, fixed_bytes, pinned, excluded)
+    out = []
+    for g, alloc in zip(grid, allocs):
+        rec: dict[str, Any] = {**g, "budget_mb": g["budget_bytes"] / 1e6, "metric": col}
+        if alloc is None:
+            rec.update(feasible=False, bit_config=None, total_bytes=None, objective=None,
+                       reason=f"smallest allowed allocation is {smallest} bytes")
+        else:
+            rec.update(feasible=True, bit_config=alloc.bit_config.to_dict(), total_bytes=alloc.total_bytes,
+                       total_mb=alloc.total_bytes / 1e6, objective=alloc.objective)
+        out.append(rec)
+    return out

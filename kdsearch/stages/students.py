@@ -1,0 +1,156 @@
+"""Student selection (the seed's step 3): which candidate architectures are "good quantizable".
+
+For each of ``student.candidates`` (default: the spec's student alone) this measures
+
+* the float accuracy after ``student.train`` from scratch (reusing the scratch student's file for the
+  spec's own student, and any finished candidate file);
+* the accuracy right after uniform 8- and 4-bit quantization (weights per ``quant.pin``; activations at
+  ``quant.act_bits``), and after the *same short QAT* the search's trials run (``search.trial``);
+
+and ranks the candidates: by float accuracy, by the accuracy lost to quantization, and overall by the
+4-bit accuracy after QAT (what a size-constrained search can reach). Each candidate's numbers are cached
+(keyed by its float model and the QAT settings), so a rerun only redoes what changed.
+
+Outputs: runs/<name>/students/selection.parquet and selection.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from ..checkpoints import load_model, read_model_file
+from ..context import RunContext
+from ..data import DataBundle, EvalLoader, Normalizer, TrainLoader, load_data
+from ..io import atomic_to_parquet, atomic_write_json, atomic_write_text, stable_hash
+from ..quant import BitConfig, model_size, quantize
+from ..runtime import seed_everything
+from ..spec import Spec
+from ..train import evaluate, fit
+from .train_models import model_seed, scratch_student_path, train_float_model
+
+log = logging.getLogger("kdsearch.stages.students")
+
+UNIFORM_BITS = (8, 4)
+CALIB_IMAGES = 256  # activation-step calibration batch for quantize()
+
+
+def selection_dir(run_dir: Path) -> Path:
+    return run_dir / "students" / "selection"
+
+
+def candidate_path(spec: Spec, run_dir: Path, arch: str) -> Path:
+    """The spec's own student shares the baselines' scratch file; other candidates get their own."""
+    if arch == spec.student.arch:
+        return scratch_student_path(run_dir)
+    return selection_dir(run_dir) / f"{arch}.pt"
+
+
+def _calib_images(bundle: DataBundle, spec: Spec, device: torch.device) -> torch.Tensor:
+    from ..sensitivity.stage import calibration_indices
+
+    idx = calibration_indices(len(bundle.train), CALIB_IMAGES, spec.seed)
+    return Normalizer.from_bundle(bundle)(bundle.train.images[idx].to(device))
+
+
+def quantized_accuracy(
+    spec: Spec, bundle: DataBundle, model_file: Path, bits: int, ctx: RunContext, *, ckpt: Path | None = None
+) -> dict[str, float]:
+    """Accuracy of the float model at uniform ``bits`` (pins applied): right after quantization, and after
+    the search's short QAT (``search.trial``) on the training split."""
+    model, obj = load_model(model_file)
+    arch = obj["arch"]
+    model.to(ctx.device)
+    cfg = BitConfig.uniform(model, bits, pin=spec.quant.pin)
+    seed_everything(model_seed(spec, arch) + bits)
+    quantize(model, cfg, act_bits=spec.quant.act_bits, calib=_calib_images(bundle, spec, ctx.device))
+    norm = Normalizer.from_bundle(bundle).to(ctx.device)
+    test = EvalLoader(bundle.test, batch_size=spec.data.eval_batch_size, device=ctx.device)
+    ptq = evaluate(model, test, norm, ctx.device, spec.search.trial)["acc"]
+    qat_cfg = spec.search.trial
+    train = TrainLoader(bundle, spec.data, batch_size=qat_cfg.batch_size, seed=model_seed(spec, arch),
+                        device=ctx.device)
+    result = fit(model, train, test, qat_cfg, normalizer=norm, device=ctx.device, ckpt_path=ckpt,
+                 progress=ctx.progress, desc=f"{arch} QAT w{bits}")
+    size = model_size(model)
+    return {"ptq_acc": ptq, "qat_acc": float(result.final["test_acc"]), "size_mb": size.total_mb,
+            "avg_bits": size.avg_bits}
+
+
+def _candidate(spec: Spec, ctx: RunContext, bundle: DataBundle, arch: str) -> dict[str, Any]:
+    path = candidate_path(spec, ctx.run_dir, arch)
+    float_metrics = train_float_model(spec, arch, spec.student.train, path, device=ctx.device, progress=ctx.progress)
+    meta = read_model_file(path).get("meta", {})
+    key = stable_hash({"model": meta.get("inputs_key"), "qat": spec.search.trial.model_dump(mode="json"),
+                       "pin": spec.quant.pin, "act_bits": spec.quant.act_bits, "bits": UNIFORM_BITS})
+    out_json = selection_dir(ctx.run_dir) / f"{arch}.json"
+    if out_json.is_file():
+        cached = json.loads(out_json.read_text())
+        if cached.get("inputs_key") == key:
+            log.info("students: %s is done (same inputs); reusing", arch)
+            return dict(cached["row"])
+    model, _ = load_model(path)
+    row: dict[str, Any] = {
+        "arch": arch, "params": sum(p.numel() for p in model.parameters()),
+        "fp32_mb": model_size(model).total_mb, "float_acc": float(float_metrics["test_acc"]),
+        "qat_epochs": spec.search.trial.epochs,
+    }  # fmt: skip
+    for bits in UNIFORM_BITS:
+        ckpt = selection_dir(ctx.run_dir) / f"{arch}_w{bits}.ckpt"
+        q = quantized_accuracy(spec, bundle, path, bits, ctx, ckpt=ckpt)
+        row.update({f"ptq_acc_w{bits}": q["ptq_acc"], f"qat_acc_w{bits}": q["qat_acc"],
+                    f"drop_w{bits}": row["float_acc"] - q["qat_acc"], f"size_mb_w{bits}": q["size_mb"]})
+        log.info("students: %s w%d: float %.2f%%, PTQ %.2f%%, after QAT %.2f%%", arch, bits, row["float_acc"],
+                 q["ptq_acc"], q["qat_acc"])
+    atomic_write_json(out_json, {"inputs_key": key, "row": row})
+    for bits in UNIFORM_BITS:
+        (selection_dir(ctx.run_dir) / f"{arch}_w{bits}.ckpt").unlink(missing_ok=True)
+    return row
+
+
+def rank_students(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Sort by 4-bit accuracy after QAT; rank columns for float accuracy and for the mean quantization loss."""
+    df = pd.DataFrame(rows)
+    last = UNIFORM_BITS[-1]
+    df["mean_drop"] = df[[f"drop_w{b}" for b in UNIFORM_BITS]].mean(axis=1)
+    df["rank_float"] = df["float_acc"].rank(ascending=False, method="min").astype(int)
+    df["rank_drop"] = df["mean_drop"].rank(ascending=True, method="min").astype(int)
+    df = df.sort_values([f"qat_acc_w{last}", "float_acc"], ascending=False).reset_index(drop=True)
+    df.insert(0, "rank", range(1, len(df) + 1))
+    cols = ["rank", "arch", "params", "fp32_mb", "float_acc", "qat_epochs"]
+    for b in UNIFORM_BITS:
+        cols += [f"ptq_acc_w{b}", f"qat_acc_w{b}", f"drop_w{b}", f"size_mb_w{b}"]
+    return df[cols + ["mean_drop", "rank_float", "rank_drop"]]  # a fixed order, also for cached rows
+
+
+def selection_markdown(df: pd.DataFrame) -> str:
+    cols = ["rank", "arch", "params", "float_acc"]
+    for b in UNIFORM_BITS:
+        cols += [f"ptq_acc_w{b}", f"qat_acc_w{b}", f"drop_w{b}", f"size_mb_w{b}"]
+    cols += ["rank_float", "rank_drop"]
+    head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+    lines = []
+    for r in df[cols].itertuples(index=False):
+        cells = [f"{v:.2f}" if isinstance(v, float) and not c.startswith("size") else
+                 f"{v:.4f}" if isinstance(v, float) else str(v) for c, v in zip(cols, r)]
+        lines.append("| " + " | ".join(cells) + " |")
+    note = ("\nAccuracies in % on the test split; drop = float - after QAT; QAT = the search's short trial QAT "
+            "(search.trial); sizes in MB (1e6 bytes) from the size model.\n")
+    return head + "\n".join(lines) + "\n" + note
+
+
+def students_stage(spec: Spec, ctx: RunContext) -> pd.DataFrame:
+    """Rank the spec's candidate students by float accuracy and quantization loss; write the table."""
+    candidates = spec.student.candidates or (spec.student.arch,)
+    bundle = load_data(spec.data, seed=spec.seed)
+    rows = [_candidate(spec, ctx, bundle, arch) for arch in candidates]
+    df = rank_students(rows)
+    out = ctx.run_dir / "students"
+    atomic_to_parquet(df, out / "selection.parquet")
+    atomic_write_text(out / "selection.md", selection_markdown(df))
+    return df
