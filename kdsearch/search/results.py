@@ -1,0 +1,149 @@
+"""The search's tables, rebuilt from the Optuna study after every event, and read back by `kdsearch pareto`.
+
+The study is the one record of the search: every sample the sampler made (trained or not) is an Optuna
+trial, and the searcher stores what Tune reported on it as user attributes. Because the study is part of
+the searcher state that Tune snapshots and restores, the tables rebuilt from it after a restore hold
+exactly the restored search (no stale rows from work lost in a crash).
+
+Files in runs/<name>/search/ (all written atomically, readable while the search runs):
+  results.parquet  one row per sample: number, trial_id, status, bits.<layer>..., size_mb, avg_bits,
+                   acc, epochs, wall_s, epoch_s, hypervolume (after this trial completed, else NaN)
+  pareto.parquet   the completed trials on the accuracy-max / size-min front
+  summary.json     counts per status, the hypervolume, the budget and the reference point
+
+Statuses: running (launched, not finished), completed (all trial epochs), pruned (stopped early by
+ASHA; told to Optuna as PRUNED), error (failed after its retries), infeasible (over the size budget,
+never launched), duplicate (a configuration already evaluated; told the known result, never launched),
+retried (an error that a restore resumed: its outcome is the row whose `retry_of` names it).
+`search.num_trials` counts launched trials: running + completed + pruned + error (a retried error
+counts once, as its resumed copy).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..io import atomic_to_parquet, atomic_write_json
+from ..pareto import ACC, SIZE, hypervolume, hypervolume_history, pareto_front, reference_point
+
+LAUNCHED = ("running", "completed", "pruned", "error")
+STATUSES = (*LAUNCHED, "infeasible", "duplicate", "retried")
+BASE_COLUMNS = ["number", "trial_id", "status", SIZE, "avg_bits", ACC, "epochs", "wall_s", "epoch_s", "finished_seq",
+                "retry_of"]
+
+
+def search_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "search"
+
+
+def study_frame(study: Any, layers: list[str] | tuple[str, ...], budget_mb: float) -> pd.DataFrame:
+    """One row per Optuna trial of `study`, in sample order, with the hypervolume after each completion."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        if t.state.name == "WAITING":  # an enqueued warm start not sampled yet
+            continue
+        a = t.user_attrs
+        status = a.get("status") or ("running" if t.state.name == "RUNNING" else t.state.name.lower())
+        row: dict[str, Any] = {
+            "number": t.number, "trial_id": a.get("trial_id", ""), "status": status,
+            SIZE: a.get(SIZE, math.nan), "avg_bits": a.get("avg_bits", math.nan), ACC: a.get(ACC, math.nan),
+            "epochs": int(a.get("epoch", 0)), "wall_s": a.get("wall_s", math.nan),
+            "epoch_s": a.get("epoch_s", math.nan), "finished_seq": a.get("finished_seq", -1),
+            "retry_of": a.get("retry_of", -1),
+        }
+        bits = a.get("bits", {})
+        row.update({f"bits.{n}": bits.get(n, -1) for n in layers})
+        rows.append(row)
+    retried = {t.user_attrs["retry_of"] for t in study.get_trials(deepcopy=False) if "retry_of" in t.user_attrs}
+    for row in rows:  # an errored trial resumed by a restore: its outcome is on the copy that names it
+        if row["number"] in retried:
+            row["status"] = "retried"
+    df = pd.DataFrame(rows, columns=BASE_COLUMNS + [f"bits.{n}" for n in layers])
+    df = df.astype({"number": "int64", "epochs": "int64", "finished_seq": "int64", "retry_of": "int64",
+                    **{f"bits.{n}": "int64" for n in layers}})
+    df["hypervolume"] = np.nan
+    done = df[df["status"] == "completed"].sort_values("finished_seq")
+    if len(done):
+        hv = hypervolume_history(done[[ACC, SIZE]].to_numpy(), reference_point(budget_mb))
+        df.loc[done.index, "hypervolume"] = hv
+    return df
+
+
+def summarize(df: pd.DataFrame, budget_mb: float) -> dict[str, Any]:
+    counts = {s: int((df["status"] == s).sum()) for s in STATUSES}
+    done = df[df["status"] == "completed"]
+    hv = hypervolume(done[[ACC, SIZE]].to_numpy(), reference_point(budget_mb)) if len(done) else 0.0
+    return {"samples": int(len(df)), "launched": int(sum(counts[s] for s in LAUNCHED)), "counts": counts,
+            "hypervolume": hv, "budget_mb": budget_mb, "reference_point": list(reference_point(budget_mb)),
+            "front": int(len(pareto_front(done))) if len(done) else 0,
+            "best_acc": float(done[ACC].max()) if len(done) else None, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+class ResultsWriter:
+    """Rewrites results.parquet, pareto.parquet and summary.json from the study (driver side, atomic).
+
+    Held by the searcher, so it is pickled into Tune's experiment snapshot: it keeps only plain data.
+    """
+
+    def __init__(self, out_dir: str | Path, layers: tuple[str, ...], budget_mb: float, min_interval_s: float = 1.0):
+        self.out_dir = str(out_dir)
+        self.layers = tuple(layers)
+        self.budget_mb = float(budget_mb)
+        self.min_interval_s = float(min_interval_s)
+        self._last = 0.0
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # restored in another process: clocks differ
+        self.__dict__.update(state, _last=0.0)
+
+    def write(self, study: Any, force: bool = True) -> pd.DataFrame | None:
+        """Rebuild the files; with force=False at most once per `min_interval_s` (per-epoch results)."""
+        now = time.monotonic()
+        if not force and now - self._last < self.min_interval_s:
+            return None
+        self._last = now
+        out = Path(self.out_dir)
+        df = study_frame(study, self.layers, self.budget_mb)
+        atomic_to_parquet(df, out / "results.parquet")
+        atomic_to_parquet(pareto_front(df[df["status"] == "completed"]), out / "pareto.parquet")
+        atomic_write_json(out / "summary.json", summarize(df, self.budget_mb))
+        return df
+
+
+def read_results(run_dir: str | Path) -> pd.DataFrame:
+    """results.parquet of a run (the run dir or its search/ dir); raises FileNotFoundError if absent."""
+    return pd.read_parquet(_find(run_dir, "results.parquet"))
+
+
+def pareto_table(run_dir: str | Path) -> pd.DataFrame:
+    """The current front as a compact table (size ascending): works while a search is running."""
+    df = read_results(run_dir)
+    front = pareto_front(df[df["status"] == "completed"])
+    bit_cols = [c for c in front.columns if c.startswith("bits.")]
+    # one compact column: the bits of each layer in model order, e.g. "8/4/4/2/8"
+    front["bits"] = front[bit_cols].astype(str).agg("/".join, axis=1) if len(front) else pd.Series(dtype=str)
+    cols = ["number", "trial_id", ACC, SIZE, "avg_bits", "epochs", "wall_s", "bits"]
+    return front[cols].reset_index(drop=True)
+
+
+def _find(run_dir: str | Path, name: str) -> Path:
+    """`name` in a run dir's search/ folder, or in the given folder itself (a search dir)."""
+    p = Path(run_dir)
+    for cand in (p / "search" / name, p / name):
+        if cand.is_file():
+            return cand
+    raise FileNotFoundError(f"no {name} under {p} (expected {p / 'search' / name}); run `kdsearch search SPEC` first")
+
+
+def read_summary(run_dir: str | Path) -> dict[str, Any]:
+    """summary.json of a run (the run dir or its search/ dir); {} when there is none yet."""
+    try:
+        return json.loads(_find(run_dir, "summary.json").read_text())
+    except FileNotFoundError:
+        return {}

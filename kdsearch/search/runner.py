@@ -1,0 +1,125 @@
+"""Running the search with Ray Tune, and restoring it: `run_search` (any trainable) and `search_stage`.
+
+Tune owns scheduling (ASHA on accuracy per epoch), retries (FailureConfig) and the experiment snapshot;
+the searcher (`BudgetSearch`) owns sampling and the result tables. A rerun restores the experiment with
+`Tuner.restore(..., resume_unfinished=True, resume_errored=True)`: finished trials are kept, unfinished
+ones continue from their checkpoints and the Optuna study (inside the searcher state) keeps its history.
+
+Tune snapshots the experiment every >= 10 s by default; after a SIGKILL, work since the last snapshot is
+redone. The period is lowered to `snapshot_s` (1 s) here, and the trial records (`trial.py`) make the
+redone work cheap: a trial that had finished is replayed from its record, not retrained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..pareto import ACC
+from ..spec import SearchConfig
+from .results import read_summary
+from .searcher import BudgetSearch, make_sampler
+from .space import SearchSpace, warm_start_points
+
+log = logging.getLogger("kdsearch.search")
+
+EXPERIMENT = "tune"  # runs/<name>/search/tune/: Tune's experiment directory
+ASHA_REDUCTION = 2  # keep the better half at each rung: trials are only a few epochs long
+
+
+def trial_dirname(trial: Any) -> str:
+    """Short trial directory names (Tune's default embeds every layer's bits in the name)."""
+    return f"trial_{trial.trial_id}"
+
+
+def max_concurrent_trials(cfg: SearchConfig, *, use_gpu: bool, reserved_cpus: float = 0.0) -> int:
+    """search.max_concurrent, else what the cluster holds: GPUs / gpus_per_trial, or CPUs / cpus_per_trial."""
+    import ray
+
+    if cfg.max_concurrent:
+        return cfg.max_concurrent
+    res = ray.cluster_resources()
+    if use_gpu and cfg.gpus_per_trial > 0:
+        return max(1, int(res.get("GPU", 0.0) / cfg.gpus_per_trial + 1e-9))
+    return max(1, int((res.get("CPU", 1.0) - reserved_cpus) / cfg.cpus_per_trial + 1e-9))
+
+
+def make_scheduler(cfg: SearchConfig) -> Any:
+    """ASHA (Li et al. 2020) on accuracy per epoch; FIFO when off or when trials are too short to prune."""
+    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
+
+    if not cfg.asha or cfg.trial_epochs <= cfg.grace_period:
+        return FIFOScheduler()
+    return AsyncHyperBandScheduler(time_attr="epoch", metric=ACC, mode="max", max_t=cfg.trial_epochs,
+                                   grace_period=cfg.grace_period, reduction_factor=ASHA_REDUCTION)
+
+
+@contextlib.contextmanager
+def _snapshot_period(seconds: float) -> Iterator[None]:
+    """Tune reads TUNE_GLOBAL_CHECKPOINT_S when the run starts; a user's own setting wins."""
+    keys = {"TUNE_GLOBAL_CHECKPOINT_S": str(seconds), "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
+    saved = {k: os.environ.get(k) for k in keys}
+    for k, v in keys.items():
+        os.environ.setdefault(k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+
+
+def run_search(space: SearchSpace, cfg: SearchConfig, *, out_dir: str | Path, trainable: Any, payload: Any,
+               seed: int, warm_starts: Sequence[dict[str, int]] = (), use_gpu: bool = False,
+               reserved_cpus: float = 0.0, verbose: int = 0, snapshot_s: float = 1.0) -> dict[str, Any]:
+    """Run (or restore and finish) a search of `space` with `trainable(config, payload)`; return the summary.
+
+    Ray must be initialised. `out_dir` receives Tune's experiment (tune/), the trial records (trials/)
+    and the tables (results.parquet, pareto.parquet, summary.json).
+    """
+    from ray import tune
+
+    from .results import ResultsWriter
+
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    exp = out_dir / EXPERIMENT
+    fn = tune.with_parameters(trainable, payload=payload)
+    fn = tune.with_resources(fn, {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial if use_gpu else 0.0})
+    t0 = time.perf_counter()
+    with _snapshot_period(snapshot_s):
+        if tune.Tuner.can_restore(str(exp)):
+            log.info("search: restoring the experiment in %s", exp)
+            tuner = tune.Tuner.restore(str(exp), trainable=fn, resume_unfinished=True, resume_errored=True)
+        else:
+            points, dropped = warm_start_points(space, warm_starts)
+            log.info("search: %d searchable layers (%d fixed), %s configurations, budget %.4f MB, "
+                     "%d warm starts (%d over budget dropped)", len(space.searchable), len(space.fixed),
+                     f"{space.cardinality:,}", space.budget_mb, len(points), dropped)
+            searcher = BudgetSearch(space, sampler=make_sampler(cfg.sampler, seed, cfg.num_trials),
+                                    trial_epochs=cfg.trial_epochs, points_to_evaluate=points,
+                                    writer=ResultsWriter(out_dir, space.layers, space.budget_mb))
+            searcher.writer.write(searcher.study)  # tables exist (empty) from the start
+            tuner = tune.Tuner(
+                fn,
+                tune_config=tune.TuneConfig(
+                    search_alg=searcher, scheduler=make_scheduler(cfg), num_samples=cfg.num_trials,
+                    max_concurrent_trials=max_concurrent_trials(cfg, use_gpu=use_gpu, reserved_cpus=reserved_cpus),
+                    reuse_actors=True, trial_dirname_creator=trial_dirname),
+                run_config=tune.RunConfig(
+                    name=EXPERIMENT, storage_path=str(out_dir), verbose=verbose,
+                    failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+            )
+        grid = tuner.fit()
+    summary = read_summary(out_dir)
+    summary["seconds"] = time.perf_counter() - t0
+    summary["tune_errors"] = len(grid.errors)
+    if grid.errors:
+        log.warning("search: %d trial(s) failed after %d retries; see %s", len(grid.errors), cfg.max_failures, exp)
+    return summary

@@ -1,0 +1,208 @@
+"""The searcher: Ray Tune's OptunaSearch, taught three things the two-objective bit-width search needs.
+
+1. Over-budget samples never become Tune trials. `suggest` asks Optuna, and when the sample is above the
+   size budget it tells Optuna at once (the constraint `define_space` set makes it infeasible to the
+   sampler) and asks again. Such samples cost microseconds, so they do not count against
+   `search.num_trials`, which counts launched (trained) trials.
+2. Configurations already evaluated are not trained again: the sample is told the known outcome.
+3. A trial that ASHA stopped early reaches `on_trial_complete` with its last (early) result and no error;
+   Ray's OptunaSearch would tell Optuna COMPLETE with that early accuracy, teaching the sampler that
+   the configuration is worse than it is. Here it is told PRUNED (no values), as Optuna's own pruning
+   does (its TPE ranks pruned trials after the completed ones; NSGA-II ignores them).
+
+Infeasible samples are told COMPLETE with values (0 %, size) plus a positive constraint: constraint-aware
+samplers rank them by violation before any value (c-TPE, Watanabe & Hutter 2023; NSGA-II constrained
+domination, Deb et al. 2002), and only COMPLETE trials enter NSGA-II's population at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from ..pareto import ACC, SIZE
+from .results import ResultsWriter
+from .space import SearchSpace, space_function
+
+log = logging.getLogger("kdsearch.search")
+
+REPORTED = ("epoch", ACC, SIZE, "avg_bits", "epoch_s", "wall_s")
+
+
+def make_sampler(kind: str, seed: int, num_trials: int) -> optuna.samplers.BaseSampler:
+    """The spec's sampler: multivariate TPE (default), NSGA-II or random; always seeded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if kind == "tpe":
+            # constant_liar: trials still running count as bad, so parallel workers do not all sample
+            # the same promising region (Optuna's recommendation for distributed TPE).
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
+                                              n_startup_trials=max(3, min(10, num_trials // 4)))
+        if kind == "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, num_trials // 4)))
+        if kind == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+    raise ValueError(f"search.sampler must be one of tpe, nsga2, random (got {kind!r})")
+
+
+class BudgetSearch(OptunaSearch):
+    """OptunaSearch over a `SearchSpace` with (accuracy max, size min) objectives; see the module doc."""
+
+    def __init__(self, space: SearchSpace, *, sampler: optuna.samplers.BaseSampler, trial_epochs: int,
+                 points_to_evaluate: list[dict[str, int]] | None = None, writer: ResultsWriter | None = None,
+                 max_skips: int = 200) -> None:
+        self.space = space
+        self.trial_epochs = int(trial_epochs)
+        self.writer = writer
+        self.max_skips = int(max_skips)
+        self.finished_seq = 0
+        self.seen: dict[tuple[int, ...], int] = {}  # configuration -> number of the trial that trained it
+        self.skipped = {"infeasible": 0, "duplicate": 0}
+        self.revived: dict[str, dict[str, Any]] = {}  # errored trials a restore resumed: their new results
+        self._feasible_total: int | None = None
+        super().__init__(space=space_function(space), metric=[ACC, SIZE], mode=["max", "min"],
+                         points_to_evaluate=points_to_evaluate or None, sampler=sampler)
+
+    @property
+    def study(self) -> optuna.Study:
+        return self._ot_study
+
+    # -- sampling ------------------------------------------------------------------------------------------
+    def _exhausted(self) -> bool:
+        """True once every feasible configuration has been launched (only counted for small spaces)."""
+        if self._feasible_total is None:
+            card = self.space.cardinality
+            self._feasible_total = (sum(self.space.feasible(b) for b in self.space.enumerate())
+                                    if card <= 100_000 else -1)
+        return 0 <= self._feasible_total <= len(self.seen)
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if trial_id in self._ot_trials:  # asked again for the same trial: same answer
+            t = self._ot_trials[trial_id]
+            return {"number": t.number, "bits": dict(t.user_attrs["bits"])}
+        for _ in range(self.max_skips):
+            if self._exhausted():
+                log.info("search: every feasible configuration has been tried; stopping")
+                return Searcher.FINISHED
+            ot_trial = self._ot_study.ask()
+            bits = self._space(ot_trial)  # define_space: suggests and sets the size constraint
+            size = self.space.size_mb(bits)
+            for k, v in (("bits", bits), (SIZE, size), ("avg_bits", self.space.avg_bits(bits))):
+                ot_trial.set_user_attr(k, v)
+            key = tuple(bits[n] for n in self.space.layers)
+            if not self.space.feasible(bits):
+                self._tell_skipped(ot_trial, "infeasible", TrialState.COMPLETE, [0.0, size])
+                continue
+            if key in self.seen:
+                self._tell_duplicate(ot_trial, self.seen[key])
+                continue
+            self.seen[key] = ot_trial.number
+            ot_trial.set_user_attr("trial_id", trial_id)
+            ot_trial.set_user_attr("status", "running")
+            self._ot_trials[trial_id] = ot_trial
+            self._write(force=False)
+            return {"number": ot_trial.number, "bits": bits}
+        log.warning("search: %d samples in a row were over budget or already evaluated; stopping the search "
+                    "early (raise the budget or widen quant.bits)", self.max_skips)
+        return Searcher.FINISHED
+
+    def _tell_skipped(self, ot_trial: Any, status: str, state: TrialState, values: list[float] | None) -> None:
+        ot_trial.set_user_attr("status", status)
+        self._ot_study.tell(ot_trial, values, state=state)
+        self.skipped[status] += 1
+        self._write(force=False)
+
+    def _tell_duplicate(self, ot_trial: Any, number: int) -> None:
+        prev = self._frozen(number)
+        ot_trial.set_user_attr("duplicate_of", number)
+        for k in (ACC, "epoch"):
+            if k in prev.user_attrs:
+                ot_trial.set_user_attr(k, prev.user_attrs[k])
+        if prev.state == TrialState.COMPLETE and prev.values is not None:
+            self._tell_skipped(ot_trial, "duplicate", TrialState.COMPLETE, list(prev.values))
+        else:  # still running, pruned or failed: nothing new to learn from it
+            self._tell_skipped(ot_trial, "duplicate", TrialState.PRUNED, None)
+
+    # -- results -------------------------------------------------------------------------------------------
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None:
+            return
+        if trial_id in self._completed_trials:
+            if self._failed(ot_trial):  # an errored trial resumed by Tuner.restore(resume_errored=True)
+                self.revived.setdefault(trial_id, {}).update(result)
+            return
+        self._record(ot_trial, result)
+        self._write(force=False)
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None:
+            return
+        if trial_id in self._completed_trials:
+            if self._failed(ot_trial) and not error and trial_id in self.revived:
+                self._add_revived(trial_id, ot_trial, {**self.revived.pop(trial_id), **(result or {})})
+            return
+        if result:
+            self._record(ot_trial, result)
+        attrs = ot_trial.user_attrs
+        acc, epoch = attrs.get(ACC), int(attrs.get("epoch", 0))
+        if error:
+            status, state, values = "error", TrialState.FAIL, None
+        elif acc is not None and math.isfinite(acc) and epoch >= self.trial_epochs:
+            status, state, values = "completed", TrialState.COMPLETE, [float(acc), float(attrs[SIZE])]
+        else:  # stopped early by the scheduler (ASHA): not a measurement of the configuration
+            status, state, values = "pruned", TrialState.PRUNED, None
+        self.finished_seq += 1
+        ot_trial.set_user_attr("status", status)
+        ot_trial.set_user_attr("finished_seq", self.finished_seq)
+        try:
+            self._ot_study.tell(ot_trial, values, state=state)
+        except Exception as err:  # noqa: BLE001 - e.g. a NaN accuracy: keep the search going
+            log.warning("search: could not tell trial %s to Optuna: %s", ot_trial.number, err)
+        self._completed_trials.add(trial_id)
+        log.info("search: trial %d (%s) %s: acc=%s size=%.4f MB after %d epoch(s)", ot_trial.number, trial_id,
+                 status, f"{acc:.2f}" if acc is not None else "-", attrs[SIZE], epoch)
+        self._write(force=True)
+
+    def _frozen(self, number: int) -> optuna.trial.FrozenTrial:
+        return next(t for t in self._ot_study.get_trials(deepcopy=False) if t.number == number)
+
+    def _failed(self, ot_trial: Any) -> bool:
+        return self._frozen(ot_trial.number).state == TrialState.FAIL
+
+    def _add_revived(self, trial_id: str, old: Any, result: dict[str, Any]) -> None:
+        """Optuna cannot re-tell a FAIL trial: add a finished copy (`retry_of` the old number) instead."""
+        frozen = self._frozen(old.number)
+        acc, epoch = result.get(ACC), int(result.get("epoch", 0))
+        done = acc is not None and math.isfinite(acc) and epoch >= self.trial_epochs
+        self.finished_seq += 1
+        attrs = {**frozen.user_attrs, "status": "completed" if done else "pruned", "retry_of": frozen.number,
+                 "finished_seq": self.finished_seq, **{k: result[k] for k in REPORTED if k in result}}
+        self._ot_study.add_trial(optuna.trial.create_trial(
+            state=TrialState.COMPLETE if done else TrialState.PRUNED,
+            values=[float(acc), float(attrs[SIZE])] if done else None, params=frozen.params,
+            distributions=frozen.distributions, user_attrs=attrs, constraints=frozen.constraints))
+        log.info("search: errored trial %d (%s) was resumed and %s", frozen.number, trial_id, attrs["status"])
+        self._write(force=True)
+
+    def _record(self, ot_trial: Any, result: dict[str, Any]) -> None:
+        for k in REPORTED:
+            if k in result and result[k] is not None:
+                ot_trial.set_user_attr(k, float(result[k]) if k != "epoch" else int(result[k]))
+        if "wall_s" not in result and "time_total_s" in result:
+            ot_trial.set_user_attr("wall_s", float(result["time_total_s"]))
+
+    def _write(self, force: bool) -> None:
+        if self.writer is not None:
+            try:
+                self.writer.write(self._ot_study, force=force)
+            except OSError as err:  # a full disk must not kill the search; the next write retries
+                log.warning("search: could not write results: %s", err)
