@@ -27,8 +27,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .checkpoints import CheckpointError
     from .data import DataError
     from .runtime import DeviceError
+    from .status import RunDirError
 
-    return (SpecError, UsageError, CheckpointError, DataError, DeviceError)
+    return (SpecError, UsageError, CheckpointError, DataError, DeviceError, RunDirError)
 
 
 def _load(args: argparse.Namespace) -> tuple[Spec, RunContext]:
@@ -59,8 +60,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     spec.save(ctx.run_dir / "spec.yaml")
     out: dict[str, Any]
+    if args.distill and args.model != "student":
+        raise UsageError("--distill applies to --model student (the KD student)")
     if args.model in ("teachers", "teacher"):
         out = train_teachers(spec, ctx)
+    elif args.model == "student" and args.distill:
+        from .stages.baselines import train_kd_student
+
+        out = train_kd_student(spec, ctx, strategy=args.distill)
     elif args.model == "student":
         out = train_scratch_student(spec, ctx)
     elif is_model(args.model):
@@ -80,6 +87,61 @@ def _without_history(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: _without_history(v) for k, v in obj.items() if k != "history"}
     return obj
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from .pipeline import run_pipeline
+
+    spec, ctx = _load(args)
+    out = run_pipeline(spec, ctx, only=("teachers", "baselines", "sensitivity"))["sensitivity"]
+    print(json.dumps(_without_history(out), indent=2, default=str))
+    return 0
+
+
+def cmd_students(args: argparse.Namespace) -> int:
+    from .stages.students import selection_markdown, students_stage
+
+    spec, ctx = _load(args)
+    if not spec.student.candidates:
+        raise UsageError("the spec names no student.candidates; add e.g. candidates: [mobilenetv2, resnet18]")
+    print(selection_markdown(students_stage(spec, ctx)))
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .pipeline import run_pipeline
+    from .search import pareto_table
+
+    spec, ctx = _load(args)
+    run_pipeline(spec, ctx, only=("teachers", "baselines", "sensitivity", "search"))
+    print(pareto_table(ctx.run_dir).to_string(index=False))
+    return 0
+
+
+def cmd_pareto(args: argparse.Namespace) -> int:
+    from .search import pareto_table
+    from .status import check_run_dir
+
+    front = pareto_table(check_run_dir(args.run_dir))
+    cols = [c for c in front.columns if not c.startswith("bits.")] + ([] if args.brief else
+                                                                      [c for c in front.columns if c.startswith("bits.")])
+    print(front[cols].to_string(index=False) if len(front) else "no completed trial on the front yet")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .status import run_status
+
+    print(run_status(args.run_dir), end="")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+    from .status import check_run_dir
+
+    print(write_report(check_run_dir(args.run_dir)))
+    return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -121,7 +183,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train teachers or the student from scratch")
     _spec_args(p)
     p.add_argument("--model", default="student", help="'teachers', 'student' or an architecture name")
+    p.add_argument("--distill", choices=("average", "vote", "dynamic", "entropy"),
+                   help="train the student with ensemble KD from the trained teachers, with this strategy")
     p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("sensitivity", help="layer-wise sensitivity table and bit-allocation priors "
+                       "(runs the stages before it if needed)")
+    _spec_args(p)
+    p.set_defaults(fn=cmd_sensitivity)
+    p = sub.add_parser("students", help="rank the spec's candidate students by float and quantized accuracy")
+    _spec_args(p)
+    p.set_defaults(fn=cmd_students)
+    p = sub.add_parser("search", help="Ray Tune + Optuna bit-width search (runs the stages before it if needed)")
+    _spec_args(p)
+    p.set_defaults(fn=cmd_search)
+    p = sub.add_parser("pareto", help="print the current Pareto front of a run (works while it searches)")
+    p.add_argument("run_dir")
+    p.add_argument("--brief", action="store_true", help="leave out the per-layer bit columns")
+    p.set_defaults(fn=cmd_pareto)
+    p = sub.add_parser("status", help="stages done, search progress and the current front of a run")
+    p.add_argument("run_dir")
+    p.set_defaults(fn=cmd_status)
+    p = sub.add_parser("report", help="regenerate report.md of a run")
+    p.add_argument("run_dir")
+    p.set_defaults(fn=cmd_report)
     p = sub.add_parser("validate", help="check a spec and its data, without computing anything")
     _spec_args(p)
     p.set_defaults(fn=cmd_validate)

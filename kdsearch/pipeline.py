@@ -53,11 +53,39 @@ def _sensitivity(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     return sensitivity_stage(spec, ctx)
 
 
+def _search(spec: Spec, ctx: RunContext) -> dict[str, Any]:
+    from .progress import ProgressReporter
+    from .search import search_stage
+
+    with ProgressReporter(ctx.run_dir, total=spec.search.num_trials, concurrency=spec.search.max_concurrent,
+                          live=ctx.progress):
+        return search_stage(spec, ctx)
+
+
+def _finalize(spec: Spec, ctx: RunContext) -> dict[str, Any]:
+    from .progress import ProgressReporter
+    from .stages.finalize import finalize_stage
+
+    with ProgressReporter(ctx.run_dir, stage="finalize", live=ctx.progress):
+        return finalize_stage(spec, ctx)
+
+
+def _report(spec: Spec, ctx: RunContext) -> dict[str, Any]:
+    from .report import report_stage
+
+    return report_stage(spec, ctx)
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("teachers", _teachers, reads=("seed", "data", "teachers")),
     Stage("baselines", _baselines, reads=("seed", "data", "student", "distill"), after=("teachers",)),
     Stage("sensitivity", _sensitivity, reads=("seed", "data", "student", "quant", "sensitivity", "search"),
           after=("baselines",)),
+    Stage("search", _search, reads=("seed", "data", "student", "distill", "quant", "search"),
+          after=("baselines", "sensitivity")),
+    Stage("finalize", _finalize, reads=("seed", "data", "student", "distill", "quant", "search", "finalize"),
+          after=("search",)),
+    Stage("report", _report, reads=(), after=("finalize",)),
 )
 
 

@@ -1,0 +1,153 @@
+"""`kdsearch status RUN_DIR`: which stages are done, how far the search is, and its current front.
+
+Everything comes from the run directory's files (manifest.json, spec.yaml, search/, final/), so it works
+from another shell while a run is going, and on a copied run directory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+STAGE_ORDER = ("teachers", "baselines", "sensitivity", "search", "finalize", "report")
+
+
+class RunDirError(ValueError):
+    """A path that is not a kdsearch run directory; the message is one line naming the fix."""
+
+
+def check_run_dir(run_dir: str | Path) -> Path:
+    """The run directory as a Path, or a `RunDirError` saying what is wrong and what to give instead."""
+    p = Path(run_dir)
+    if not p.exists():
+        raise RunDirError(f"run directory '{p}' not found; give the folder `kdsearch run SPEC` made "
+                          "(default runs/<spec name>)")
+    if not p.is_dir():
+        raise RunDirError(f"'{p}' is a file, not a run directory; give the folder `kdsearch run SPEC` made "
+                          "(default runs/<spec name>)")
+    if not ((p / "manifest.json").is_file() or (p / "spec.yaml").is_file()):
+        raise RunDirError(f"'{p}' is not a kdsearch run directory (no manifest.json or spec.yaml); give the folder "
+                          "`kdsearch run SPEC` made (default runs/<spec name>)")
+    return p
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def run_spec(run_dir: Path) -> dict[str, Any]:
+    """The run's frozen spec as a plain dict (spec.yaml, else the manifest's copy); {} when neither exists."""
+    import yaml
+
+    p = run_dir / "spec.yaml"
+    if p.is_file():
+        return yaml.safe_load(p.read_text()) or {}
+    return read_json(run_dir / "manifest.json").get("spec") or {}
+
+
+def stage_names() -> list[str]:
+    """The pipeline's stages in order, plus any later ones the pipeline does not list (yet)."""
+    try:
+        from .pipeline import STAGES
+
+        names = [s.name for s in STAGES]
+    except ImportError:
+        names = []
+    return names + [s for s in STAGE_ORDER if s not in names]
+
+
+def stage_rows(run_dir: Path) -> list[tuple[str, str, str]]:
+    """(stage, state, detail) per stage: done (with finish time and duration), in progress, or not run yet."""
+    done = read_json(run_dir / "manifest.json").get("stages", {})
+    names = stage_names() + [n for n in done if n not in stage_names()]
+    started = {"search": run_dir / "search" / "results.parquet", "finalize": run_dir / "final" / "progress.json",
+               "report": run_dir / "report.md"}
+    rows = []
+    for name in names:
+        if name in done:
+            d = done[name]
+            secs = d.get("seconds")
+            rows.append((name, "done", f"{d.get('finished', '?')}" + (f" ({fmt_seconds(secs)})" if secs else "")))
+        elif name in started and started[name].exists():
+            rows.append((name, "started", f"{started[name].relative_to(run_dir)} exists, not recorded as done"))
+        else:
+            rows.append((name, "not run yet", ""))
+    return rows
+
+
+def fmt_seconds(s: float) -> str:
+    s = float(s)
+    return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+def markdown_table(df: pd.DataFrame, floatfmt: dict[str, str] | None = None) -> str:
+    """A small GitHub-markdown table (no tabulate dependency); NaN/None print as '-'."""
+    floatfmt = floatfmt or {}
+    head = "| " + " | ".join(map(str, df.columns)) + " |\n|" + "---|" * len(df.columns) + "\n"
+    lines = []
+    for row in df.itertuples(index=False):
+        cells = []
+        for col, v in zip(df.columns, row):
+            if v is None or (isinstance(v, float) and v != v) or v is pd.NA:
+                cells.append("-")
+            elif isinstance(v, float):
+                cells.append(format(v, floatfmt.get(col, ".4g")))
+            else:
+                cells.append(str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return head + "\n".join(lines)
+
+
+def running_trials(run_dir: Path, epochs: int | None) -> pd.DataFrame:
+    df = pd.read_parquet(run_dir / "search" / "results.parquet")
+    run = df[df["status"] == "running"].copy()
+    bit_cols = [c for c in run.columns if c.startswith("bits.")]
+    run["bits"] = run[bit_cols].astype(str).agg("/".join, axis=1) if len(run) else pd.Series(dtype=str)
+    run["epoch"] = run["epochs"].astype(str) + f"/{epochs if epochs else '?'}"
+    return run[["number", "trial_id", "epoch", "acc", "size_mb", "wall_s", "bits"]].reset_index(drop=True)
+
+
+def run_status(run_dir: str | Path, *, front_rows: int = 10) -> str:
+    """The multi-line status text of a run (raises `RunDirError` for a path that is not a run directory)."""
+    from .progress import finalize_line, format_search, search_progress
+    from .search.results import pareto_table
+
+    p = check_run_dir(run_dir)
+    spec = run_spec(p)
+    data, search = spec.get("data") or {}, spec.get("search") or {}
+    student = (spec.get("student") or {}).get("arch", "?")
+    out = [f"run {p} (spec {spec.get('name', '?')}: {data.get('dataset', '?')} data, student {student}, "
+           f"budgets {search.get('budgets_mb', '?')} MB)", "", "stages:"]
+    width = max(len(n) for n, _, _ in stage_rows(p))
+    for name, state, detail in stage_rows(p):
+        out.append(f"  {name:<{width}}  {state:<11} {detail}".rstrip())
+    prog = search_progress(p, search.get("num_trials"), concurrency=search.get("max_concurrent"))
+    out.append("")
+    if prog is None:
+        out.append("search: not started (no search/results.parquet yet)")
+    else:
+        out.append(format_search(prog))
+        running = running_trials(p, search.get("trial_epochs"))
+        if len(running):
+            out += ["", f"running trials ({len(running)}):", markdown_table(running)]
+        front = pareto_table(p)
+        more = f", the {front_rows} most accurate shown" if len(front) > front_rows else ""
+        out += ["", f"current Pareto front ({len(front)} trials{more}):"]
+        if len(front):
+            shown = front.sort_values("acc", ascending=False).head(front_rows).sort_values("size_mb")
+            out.append(markdown_table(shown.drop(columns=["trial_id"]), {"acc": ".2f", "size_mb": ".4f",
+                                                                         "avg_bits": ".2f", "wall_s": ".0f"}))
+        else:
+            out.append("(no completed trial yet)")
+    fin = finalize_line(p)
+    if fin is not None:
+        out += ["", fin]
+    if (p / "report.md").is_file():
+        out += ["", f"report: {p / 'report.md'}"]
+    return "\n".join(out) + "\n"

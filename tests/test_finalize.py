@@ -1,0 +1,240 @@
+"""Finalize: candidate selection (pure), and a real tiny run: QAT(+KD) of tiny_cnn, export, reload, resume.
+
+`build_run` makes a small but real run directory with the real stage functions (a tiny_cnn teacher and
+students trained 1 epoch on synthetic data, the logit cache, the sensitivity stage, a search results table
+written by the search's own ResultsWriter from an Optuna study, and finalize). test_report.py reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from kdsearch.context import RunContext
+from kdsearch.spec import Spec, parse_spec
+from kdsearch.stages.finalize import (
+    UNIFORM_BASELINES,
+    Candidate,
+    bits_label,
+    searched_candidates,
+    uniform_candidates,
+)
+
+LAYERS = ("conv1", "conv2", "conv3", "fc")
+BUDGET = 0.03  # MB; tiny_cnn (4 classes): 0.094 MB in FP32, 0.025 MB at 8 bit, 0.0136 MB at 8/4/4/8
+SMALL_BUDGET = 0.015  # no trial is this small: the sensitivity solver's configuration stands in
+
+
+def tiny_spec(**quant) -> Spec:
+    return parse_spec({
+        "name": "tiny", "seed": 0, "device": "cpu",
+        "data": {"dataset": "synthetic", "num_classes": 4, "train_size": 96, "test_size": 64, "augment": "standard",
+                 "num_workers": 0, "eval_batch_size": 64},
+        "teachers": {"models": ["tiny_cnn"], "train": {"epochs": 1, "lr": 0.05, "batch_size": 32}, "gpus": 0},
+        "student": {"arch": "tiny_cnn", "train": {"epochs": 1, "lr": 0.05, "batch_size": 32}},
+        "distill": {"source": "cache", "cache_epochs": 1},
+        "quant": {"bits": [16, 8, 4], "pin": {"first": 8, "last": 8},
+                  "qat": {"epochs": 1, "lr": 0.01, "weight_decay": 5e-5, "batch_size": 32}, **quant},
+        "sensitivity": {"calib_size": 16, "hutchinson_samples": 1},
+        "search": {"budgets_mb": [BUDGET, SMALL_BUDGET], "num_trials": 6, "trial_epochs": 1},
+        "finalize": {"top_k": 1},
+    })
+
+
+def _trial(number, status, bits, space, acc=None, epoch=1, wall=3.0, seq=-1):
+    from optuna.trial import TrialState, create_trial
+
+    attrs = {"status": status, "bits": bits, "size_mb": space.size_mb(bits), "avg_bits": space.avg_bits(bits),
+             "epoch": epoch, "wall_s": wall, "finished_seq": seq, "trial_id": f"t{number}"}
+    if acc is not None:
+        attrs["acc"] = acc
+    state = {"completed": TrialState.COMPLETE, "pruned": TrialState.PRUNED, "running": TrialState.RUNNING,
+             "infeasible": TrialState.COMPLETE}[status]
+    values = [acc if acc is not None else 0.0, space.size_mb(bits)] if state == TrialState.COMPLETE else None
+    return create_trial(state=state, values=values, user_attrs=attrs)
+
+
+def write_search_results(spec: Spec, run_dir: Path, model: torch.nn.Module) -> None:
+    """results/pareto/summary via the search's ResultsWriter, from an Optuna study of hand-made trials."""
+    import optuna
+
+    from kdsearch.search.results import ResultsWriter
+    from kdsearch.search.space import build_space
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = build_space(model, spec.quant, BUDGET)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    mix84 = {"conv1": 8, "conv2": 8, "conv3": 4, "fc": 8}
+    mix168 = {"conv1": 8, "conv2": 16, "conv3": 8, "fc": 8}
+    for t in (_trial(0, "completed", mix84, space, acc=40.0, seq=0),
+              _trial(1, "completed", mix168, space, acc=45.0, wall=5.0, seq=1),
+              _trial(2, "pruned", {"conv1": 8, "conv2": 4, "conv3": 8, "fc": 8}, space, acc=20.0, wall=1.0),
+              _trial(3, "infeasible", {"conv1": 8, "conv2": 16, "conv3": 16, "fc": 8}, space, acc=0.0, epoch=0),
+              _trial(4, "running", {"conv1": 8, "conv2": 4, "conv3": 8, "fc": 8}, space, wall=1.0)):
+        study.add_trial(t)
+    ResultsWriter(run_dir / "search", space.layers, space.budget_mb).write(study)
+
+
+def build_run(root: Path, *, finalize: bool = True) -> tuple[Spec, RunContext]:
+    """A real tiny run directory under `root` (built once per test session; later calls reuse it)."""
+    from kdsearch.checkpoints import load_model
+    from kdsearch.io import atomic_write_json
+    from kdsearch.search.stage import write_pareto_plot
+    from kdsearch.sensitivity import sensitivity_stage
+    from kdsearch.stages.baselines import train_kd_student
+    from kdsearch.stages.finalize import finalize_stage
+    from kdsearch.stages.train_models import teacher_path, train_float_model, train_scratch_student
+
+    spec = tiny_spec()
+    run_dir = root / "runs" / spec.name
+    ctx = RunContext.create(run_dir, device="cpu", progress=False)
+    marker = run_dir / ".built"
+    if marker.is_file():
+        return spec, ctx
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec.save(run_dir / "spec.yaml")
+    train_float_model(spec, "tiny_cnn", spec.teachers.train, teacher_path(run_dir, "tiny_cnn"), device=ctx.device)
+    train_scratch_student(spec, ctx)
+    train_kd_student(spec, ctx)
+    sensitivity_stage(spec, ctx)
+    model, obj = load_model(run_dir / "students" / "kd.pt")
+    write_search_results(spec, run_dir, model)
+    write_pareto_plot(spec, run_dir / "search", model, obj["metrics"]["test_acc"])
+    stages = {"teachers": {}, "baselines": {}, "sensitivity": {}}
+    if finalize:
+        stages["finalize"] = finalize_stage(spec, ctx)
+    manifest = {"stages": {k: {"key": "k", "summary": v, "seconds": 1.5, "finished": "2026-01-01T00:00:00"}
+                           for k, v in stages.items()}, "spec": spec.to_dict()}
+    atomic_write_json(run_dir / "manifest.json", manifest)
+    marker.touch()
+    return spec, ctx
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[Spec, RunContext]:
+    return build_run(tmp_path_factory.getbasetemp() / "shared_run")
+
+
+# ---- pure selection --------------------------------------------------------------------------------------
+
+def _results(rows: list[tuple[int, str, float, float, dict[str, int]]]) -> pd.DataFrame:
+    return pd.DataFrame([{"number": n, "status": s, "acc": a, "size_mb": z, **{f"bits.{k}": v for k, v in b.items()}}
+                         for n, s, a, z, b in rows])
+
+
+def test_searched_candidates_front_budgets_mixed_and_solver() -> None:
+    b84 = {"a": 8, "b": 4, "c": 8}
+    b168 = {"a": 16, "b": 8, "c": 8}
+    b842 = {"a": 8, "b": 2, "c": 4}
+    df = _results([(0, "completed", 70.0, 1.0, b84), (1, "completed", 80.0, 1.9, b168),
+                   (2, "completed", 60.0, 0.8, b842), (3, "pruned", 90.0, 0.5, b842),  # pruned: never picked
+                   (4, "completed", 65.0, 1.2, {"a": 8, "b": 8, "c": 8})])  # dominated by #0
+    priors = {"warm_starts": [{"base_budget_mb": 0.5, "multiple": 1.0, "feasible": True,
+                               "bit_config": {"a": 4, "b": 2, "c": 2}},
+                              {"base_budget_mb": 0.5, "multiple": 0.8, "feasible": True, "bit_config": {"a": 2}}]}
+    cands, missing = searched_candidates(df, (2.0, 0.9, 0.5, 0.1), top_k=2, priors=priors)
+    by_id = {c.id: c for c in cands}
+    assert set(by_id) == {"trial_00001", "trial_00000", "trial_00002", "solver_0p5mb"}
+    assert by_id["trial_00001"].roles == ("front top-1", "best <= 2 MB", "best mixed 16/8")
+    assert by_id["trial_00000"].roles == ("front top-2", "best mixed 8/4")
+    assert by_id["trial_00002"].roles == ("best <= 0.9 MB",)
+    assert by_id["solver_0p5mb"].bits == {"a": 4, "b": 2, "c": 2} and by_id["solver_0p5mb"].kind == "solver"
+    assert missing == [0.1]  # no trial, no solver start
+    assert all(c.start == "kd" and c.kd for c in cands)
+    assert by_id["trial_00002"].label == "Mixed 8/4/2-bit" and by_id["trial_00000"].search_acc == 70.0
+
+
+def test_searched_candidates_without_results() -> None:
+    cands, missing = searched_candidates(pd.DataFrame(columns=["number", "status", "acc", "size_mb"]), (1.0,), 3)
+    assert cands == [] and missing == [1.0]
+
+
+def test_uniform_candidates_pins_are_floors() -> None:
+    from kdsearch.models import create_model
+
+    model = create_model("tiny_cnn", num_classes=4)
+    cands = {c.id: c for c in uniform_candidates(model, {"first": 8, "last": 8})}
+    assert set(cands) == {cid for cid, _, _ in UNIFORM_BASELINES}
+    assert set(cands["qat_kd_16"].bits.values()) == {16}  # 16-bit means every layer, not first/last at 8
+    assert set(cands["qat_scratch_8"].bits.values()) == {8}
+    assert cands["qat_scratch_16"].start == "scratch" and not cands["qat_scratch_16"].kd
+    assert cands["qat_kd_8"].kd and bits_label(cands["qat_kd_8"].bits) == "Uniform 8-bit"
+    cand4 = uniform_candidates(model, {"first": 8, "last": 8, "conv2": 2})  # a pin below b does not lower it
+    assert all(v == 16 for v in cand4[0].bits.values())
+
+
+def test_candidate_validates() -> None:
+    with pytest.raises(ValueError, match="start"):
+        Candidate("x", "teacher", True, {"a": 8}, "uniform")
+    with pytest.raises(ValueError, match="kind"):
+        Candidate("x", "kd", True, {"a": 8}, "other")
+
+
+# ---- the real stage --------------------------------------------------------------------------------------
+
+def test_finalize_exports_reload_and_sizes(run) -> None:
+    from kdsearch.quant import load_quantized, read_metadata
+
+    spec, ctx = run
+    out = ctx.run_dir / "final"
+    table = pd.read_parquet(out / "final.parquet")
+    ids = set(table["id"])
+    assert {cid for cid, _, _ in UNIFORM_BASELINES} <= ids
+    assert {"trial_00000", "trial_00001"} <= ids  # mixed 8/4 and the front's best (also best <= BUDGET, mixed 16/8)
+    assert "trial_00002" not in ids and "trial_00004" not in ids  # pruned and running trials are never finalized
+    t1 = table.set_index("id").loc["trial_00001"]
+    assert set(t1["roles"].split("; ")) == {"front top-1", f"best <= {BUDGET:g} MB", "best mixed 16/8"}
+    assert t1["bits_used"] == "16/8" and t1["label"] == "Mixed 16/8-bit"
+    for r in table.itertuples():
+        kdq = out / r.file
+        on_disk = kdq.stat().st_size
+        assert on_disk == r.file_bytes
+        assert r.total_bytes <= on_disk <= r.total_bytes * 1.02 + 16_384  # the size model predicts the file
+        assert r.export_ok and abs(r.export_acc - r.acc) <= 100.0 / 64 + 1e-9
+        meta = json.loads((out / f"{r.id}.json").read_text())
+        assert read_metadata(kdq)["bit_config"] == meta["bit_config"]
+        assert meta["epochs"] == spec.quant.qat.epochs and len(meta["history"]) == 1
+        assert not list(out.glob(f"{r.id}.*.ckpt"))  # checkpoints are removed once the model is done
+    scratch = json.loads((out / "qat_scratch_8.json").read_text())
+    assert scratch["start"] == "scratch" and scratch["kd"] is False
+    assert table.set_index("id").loc["qat_kd_16", "size_mb"] > table.set_index("id").loc["qat_kd_8", "size_mb"]
+    # the small budget has no trial: the sensitivity solver's configuration for it is finalized instead
+    solver = table[table["kind"] == "solver"]
+    assert len(solver) == 1 and solver["size_mb"].iloc[0] <= SMALL_BUDGET
+    # the reloaded file gives the recorded accuracy when evaluated independently here
+    from kdsearch.data import EvalLoader, Normalizer, load_data
+    from kdsearch.train import evaluate
+
+    bundle = load_data(spec.data, seed=spec.seed)
+    m = load_quantized(out / "trial_00000.kdq")
+    acc = evaluate(m, EvalLoader(bundle.test, batch_size=64), Normalizer.from_bundle(bundle), torch.device("cpu"))["acc"]
+    assert acc == pytest.approx(table.set_index("id").loc["trial_00000", "export_acc"])
+    prog = json.loads((out / "progress.json").read_text())
+    assert prog["current"] is None and prog["total"] == len(table)
+
+
+def test_finalize_resumes_without_retraining(run, caplog) -> None:
+    from kdsearch.stages.finalize import finalize_stage
+
+    spec, ctx = run
+    before = {p.name: p.stat().st_mtime_ns for p in (ctx.run_dir / "final").glob("*.kdq")}
+    with caplog.at_level(logging.INFO, logger="kdsearch"):
+        summary = finalize_stage(spec, ctx)
+    after = {p.name: p.stat().st_mtime_ns for p in (ctx.run_dir / "final").glob("*.kdq")}
+    assert before == after  # nothing re-exported
+    assert sum("same inputs); skipping" in r.getMessage() for r in caplog.records) == len(summary["models"])
+    assert summary["export_mismatch"] == [] and summary["budgets_without_config"] == []
+
+
+def test_finalize_needs_the_students(tmp_path) -> None:
+    from kdsearch.checkpoints import CheckpointError
+    from kdsearch.stages.finalize import finalize_stage
+
+    spec = tiny_spec()
+    with pytest.raises(CheckpointError, match="baselines stage"):
+        finalize_stage(spec, RunContext.create(tmp_path / "empty", device="cpu", progress=False))
