@@ -144,6 +144,48 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Ship a finalized model: the packed .kdq file (default: the best one under the first budget), or ONNX."""
+    import shutil
+
+    import pandas as pd
+
+    from .io import atomic_path
+    from .status import check_run_dir
+
+    run_dir = check_run_dir(args.run_dir)
+    table = run_dir / "final" / "final.parquet"
+    if not table.is_file():
+        raise UsageError(f"{run_dir} has no finalized models yet; run `kdsearch run SPEC` until the finalize stage")
+    df = pd.read_parquet(table)
+    if args.model:
+        row = df[df["id"] == args.model]
+        if row.empty:
+            raise UsageError(f"--model '{args.model}' is not a finalized model; choose from {', '.join(df['id'])}")
+    else:
+        best = df[df["roles"].str.contains("best <=", regex=False)]
+        row = (best if len(best) else df).sort_values("acc", ascending=False).head(1)
+    r = row.iloc[0]
+    src = run_dir / "final" / f"{r['id']}.kdq"
+    if args.onnx:
+        import torch
+
+        from .quant import export_onnx, load_quantized
+
+        try:
+            export_onnx(load_quantized(src), args.onnx, torch.zeros(1, 3, 32, 32))
+        except ImportError as err:
+            raise UsageError(f"{err}") from None
+        dest = Path(args.onnx)
+    else:
+        dest = Path(args.out or f"{r['id']}.kdq")
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(src, tmp)
+    print(f"{dest}: {r['id']} ({r['label']}), accuracy {r['acc']:.2f}%, size model {r['size_mb']:.4f} MB, "
+          f"{dest.stat().st_size:,} bytes on disk")
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     spec, ctx = _load(args)
     print(f"{spec.name}: ok (run dir {ctx.run_dir}, device {ctx.device})")
@@ -206,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="regenerate report.md of a run")
     p.add_argument("run_dir")
     p.set_defaults(fn=cmd_report)
+    p = sub.add_parser("export", help="write a finalized model as a packed .kdq file (or ONNX with QDQ nodes)")
+    p.add_argument("run_dir")
+    p.add_argument("--model", help="a finalized model id (default: the best under the first budget)")
+    p.add_argument("--out", help="destination .kdq path (default ./<id>.kdq)")
+    p.add_argument("--onnx", metavar="PATH", help="write ONNX with QuantizeLinear/DequantizeLinear nodes instead")
+    p.set_defaults(fn=cmd_export)
     p = sub.add_parser("validate", help="check a spec and its data, without computing anything")
     _spec_args(p)
     p.set_defaults(fn=cmd_validate)

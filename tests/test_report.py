@@ -160,3 +160,24 @@ def test_progress_reporter_live_mode_runs(run, capsys) -> None:
     time.sleep(0.2)
     rep.stop()
     assert rep.lines[-1].startswith("search: 4/6 trials")
+
+
+def test_cli_export_copies_the_best_packed_file_and_onnx(run, tmp_path, capsys) -> None:
+    from kdsearch.cli import main
+    from kdsearch.quant import load_quantized, model_size
+
+    _, ctx = run
+    out = tmp_path / "best.kdq"
+    assert main(["export", str(ctx.run_dir), "--out", str(out)]) == 0
+    df = pd.read_parquet(ctx.run_dir / "final" / "final.parquet")
+    best_id = capsys.readouterr().out.split(": ")[1].split(" ")[0]
+    row = df[df["id"] == best_id].iloc[0]
+    assert "best <=" in row["roles"]
+    assert out.read_bytes() == (ctx.run_dir / "final" / f"{best_id}.kdq").read_bytes()
+    size = model_size(load_quantized(out)).total_bytes
+    assert size <= out.stat().st_size <= size * 1.02 + 16_000
+    assert main(["export", str(ctx.run_dir), "--model", "nope"]) == 2
+    assert "choose from" in capsys.readouterr().err
+    pytest.importorskip("onnx")
+    assert main(["export", str(ctx.run_dir), "--onnx", str(tmp_path / "m.onnx")]) == 0
+    assert (tmp_path / "m.onnx").stat().st_size > 0
