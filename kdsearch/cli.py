@@ -37,7 +37,9 @@ def _load(args: argparse.Namespace) -> tuple[Spec, RunContext]:
     overrides = dict(parse_override(s) for s in args.set or [])
     spec = load_spec(args.spec, overrides)
     from .data import check_data
+    from .spec_checks import check_spec
 
+    check_spec(spec)
     check_data(spec.data)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / spec.name
     ctx = RunContext.create(run_dir, device=args.device or spec.device, address=args.address)

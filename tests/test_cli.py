@@ -22,6 +22,9 @@ CASES = [
     (["validate", "smoke", "--set", "data.dataset=cifar10", "--set", "data.download=false",
       "--set", "data.root=/nonexistent/c", "--set", "data.num_classes=null"], "cifar"),
     (["train", "smoke", "--model", "resnet99"], "--model 'resnet99'"),
+    (["validate", "smoke", "--set", "search.budgets_mb=[0.001]"], "below the smallest size tiny_cnn can reach"),
+    (["validate", "smoke", "--set", "quant.pin={layer9: 8}"], "spec field 'quant.pin'"),
+    (["status", "/nonexistent/run"], "run directory"),
 ]
 
 
@@ -32,7 +35,8 @@ def test_user_errors_exit_2_with_one_line(argv, expected, capsys, tmp_path):
 
         if torch.cuda.is_available():
             pytest.skip("a GPU is present")
-    code = main([*argv, "--run-dir", str(tmp_path / "run")])
+    extra = [] if argv[0] == "status" else ["--run-dir", str(tmp_path / "run")]
+    code = main([*argv, *extra])
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1 and err.startswith("kdsearch: error:"), err
