@@ -17,18 +17,10 @@ from .bitconfig import (
     resolve_act_bits,
 )
 from .export import export_quantized, load_quantized, pack_bits, read_metadata, unpack_bits
-from .onnx_export import export_onnx
 from .layers import FoldingBatchNorm1d, FoldingBatchNorm2d, QuantConv2d, QuantLinear, bypass_quantization
-from .quantizers import (
-    HalfQuantizer,
-    LsqActQuantizer,
-    LsqWeightQuantizer,
-    init_act_step,
-    init_weight_step,
-    lsq_fake_quant,
-    lsq_function,
-    lsq_grad_scale,
-)
+from .lsq_ops import lsq_fake_quant, lsq_function, lsq_grad_scale
+from .quantizers import HalfQuantizer, LsqActQuantizer, LsqWeightQuantizer, init_act_step, init_weight_step
+from .onnx_export import export_onnx
 from .size import SizeReport, StoredTensor, model_size, storage_plan
 
 __all__ = [

@@ -1,8 +1,11 @@
 """``quantize``: the one verb that turns a float model into a QAT model (torchao's ``quantize_`` pattern).
 
-QAT is then the ordinary training loop on the returned model: the step sizes are ``nn.Parameter``s that any
-optimizer trains (exclude them from weight decay: ``quantizer_parameters``), and the model runs under
-``torch.autocast`` with the quantizer math kept in fp32.
+QAT is then the ordinary training loop on the returned model: build the float model, load the float
+checkpoint, ``quantize`` (step sizes initialise from those weights and, with ``calib``, one batch), then
+create the optimizer. The step sizes are ``nn.Parameter``s that any optimizer trains (exclude them from
+weight decay: ``quantizer_parameters``); the model runs under ``torch.autocast`` with the quantizer math
+kept in fp32. A QAT checkpoint is the quantized model's ``state_dict``: load it into
+``quantize(fresh_model, cfg, weight_init="none")`` (the activation steps' init state is in it too).
 
 BatchNorm: kept as a separate float layer during QAT (batch statistics in training, as in LSQ), not
 folded into the conv weights before quantization. In eval mode it is evaluated as the per-channel affine

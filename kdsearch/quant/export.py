@@ -198,6 +198,11 @@ def load_quantized(
     state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     for entry in plan:
         t = tensors[entry.key]
+        if t.numel() * t.element_size() != entry.nbytes:
+            raise ValueError(
+                f"{path}: tensor {entry.key!r} holds {t.numel() * t.element_size()} B; it does not fit the "
+                f"architecture, which needs {entry.nbytes} B"
+            )
         if entry.role == "qweight":
             layer = _layer_of(model, entry.key, ".weight")
             scale = tensors[entry.key[: -len("weight")] + "weight_scale"]

@@ -21,6 +21,7 @@ across a rounding boundary, so compare with a tolerance, not bitwise.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 
 import torch
@@ -122,10 +123,8 @@ def qdq_operands(layer: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
 
 def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_input: Tensor, opset: int = 13) -> None:
     """Write ``model`` (quantized, calibrated; CPU) as ONNX with QDQ nodes, atomically."""
-    try:
-        import onnx  # noqa: F401
-    except ImportError as e:  # the exporter itself needs it
-        raise ImportError("export_onnx needs the 'onnx' package: pip install onnx") from e
+    if importlib.util.find_spec("onnx") is None:  # PyTorch's exporter itself needs it
+        raise ImportError("export_onnx needs the 'onnx' package: pip install onnx")
     from kdsearch.io import atomic_path
 
     m = copy.deepcopy(model).cpu().eval()
