@@ -67,6 +67,15 @@ def stable_hash(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """Short content hash of a file (e.g. a model checkpoint a later stage depends on)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
 def git_commit() -> str | None:
     """The commit of the kdsearch source tree, for provenance; None outside a git checkout."""
     try:

@@ -14,14 +14,13 @@ directory must be on a file system every node sees (NFS, ...), as Ray Tune requi
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
 from ..context import RunContext
-from ..io import atomic_write_json, stable_hash
+from ..io import atomic_write_json, file_digest, stable_hash
 from ..spec import Spec
 from .results import read_results, read_summary, search_dir
 
@@ -30,19 +29,11 @@ log = logging.getLogger("kdsearch.search")
 KEY_FILE = "search_key.json"
 
 
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def search_key(spec: Spec, student: Path, priors: dict[str, Any] | None) -> str:
     """What a search depends on; a restored experiment must have been started from the same."""
     d = spec.to_dict()  # the sensitivity settings act through `priors` (None when the search ignores them)
     return stable_hash({k: d[k] for k in ("seed", "data", "distill", "quant", "search")}
-                       | {"student": _digest(student), "priors": priors})
+                       | {"student": file_digest(student), "priors": priors})
 
 
 def _claim_dir(out: Path, key: str) -> None:

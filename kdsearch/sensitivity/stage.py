@@ -12,7 +12,6 @@ metric, threshold) are recomputed on every call, which costs milliseconds.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 
 from ..checkpoints import CheckpointError, load_model
 from ..context import RunContext
-from ..io import atomic_path, atomic_to_parquet, atomic_write_json, stable_hash
+from ..io import atomic_path, atomic_to_parquet, atomic_write_json, file_digest, stable_hash
 from ..quant import BitConfig, layer_inventory
 from ..spec import Spec
 from .costs import check_costs, layer_byte_costs, resolve_pins
@@ -49,14 +48,6 @@ def calibration_indices(n_train: int, size: int, seed: int) -> torch.Tensor:
     """A fixed, seeded subset of the training split (the same images on every rerun)."""
     g = torch.Generator().manual_seed(seed * 7919 + 17)
     return torch.randperm(n_train, generator=g)[: min(size, n_train)]
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def table_bits(spec: Spec, names: list[str]) -> dict[str, list[int]]:
@@ -156,7 +147,7 @@ def sensitivity_stage(spec: Spec, ctx: RunContext) -> dict[str, Any]:
         raise CheckpointError(f"no float student at {model_path}; run `kdsearch train {spec.name} --model student` "
                               "(or the baselines stage) first")
     model, _ = load_model(model_path)
-    key = _table_key(spec, _file_digest(model_path))
+    key = _table_key(spec, file_digest(model_path))
     table_path, meta_path = out_dir / "sensitivity.parquet", out_dir / "sensitivity.json"
     meta: dict[str, Any] = {}
     if table_path.is_file() and meta_path.is_file():
