@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .context import RunContext, setup_logging
+from .pipeline import StageFailed
 from .spec import Spec, SpecError, list_builtin_specs, load_spec, parse_override
 
 EXIT_USAGE = 2
@@ -280,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as err:
         print(f"kdsearch: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except StageFailed as err:
+        print(f"kdsearch: stage failed: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("kdsearch: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

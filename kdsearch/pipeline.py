@@ -26,6 +26,10 @@ log = logging.getLogger("kdsearch.pipeline")
 StageFn = Callable[[Spec, RunContext], dict[str, Any]]
 
 
+class StageFailed(RuntimeError):
+    """A stage ran but produced nothing usable; it is not recorded as done, so a rerun tries it again."""
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -59,7 +63,12 @@ def _search(spec: Spec, ctx: RunContext) -> dict[str, Any]:
 
     with ProgressReporter(ctx.run_dir, total=spec.search.num_trials, concurrency=spec.search.max_concurrent,
                           live=ctx.progress):
-        return search_stage(spec, ctx)
+        summary = search_stage(spec, ctx)
+    counts = summary.get("counts", {})
+    if not counts.get("completed") and counts.get("error"):
+        raise StageFailed(f"search: all {counts['error']} launched trials failed; see the trial errors in "
+                          f"{ctx.run_dir / 'search' / 'tune'}/*/error.txt, fix the cause and rerun to retry them")
+    return summary
 
 
 def _finalize(spec: Spec, ctx: RunContext) -> dict[str, Any]:

@@ -78,6 +78,11 @@ class DataConfig(_Cfg):
     on_gpu: bool = True  # keep uint8 data on the GPU and augment whole batches there (standard augment only)
     eval_batch_size: int = Field(512, ge=1)
 
+    @field_validator("root")
+    @classmethod
+    def _absolute_root(cls, v: str | None) -> str | None:
+        return _absolute(v)
+
     @model_validator(mode="after")
     def _classes(self) -> "DataConfig":
         known = DATASET_CLASSES.get(self.dataset)
@@ -93,6 +98,12 @@ class DataConfig(_Cfg):
     def classes(self) -> int | None:
         """Number of classes when known without touching the data (imagefolder: from the folder)."""
         return self.num_classes or DATASET_CLASSES.get(self.dataset)
+
+
+def _absolute(path: str | None) -> str | None:
+    """Relative paths mean relative to where the command runs; Ray workers and Tune trials run elsewhere
+    (a trial's cwd is its own folder), so the spec holds them absolute from the moment it is loaded."""
+    return None if path is None else os.path.abspath(os.path.expanduser(path))
 
 
 def _check_arch(name: str) -> str:
@@ -111,6 +122,11 @@ class TeacherConfig(_Cfg):
     @classmethod
     def _arch(cls, v: str) -> str:
         return _check_arch(v)
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _absolute_checkpoint(cls, v: str | None) -> str | None:
+        return _absolute(v)
 
 
 class TeachersConfig(_Cfg):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import yaml
@@ -110,3 +111,14 @@ def test_spec_roundtrip(tmp_path, smoke):
     spec = parse_spec(smoke)
     spec.save(tmp_path / "spec.yaml")
     assert load_spec(tmp_path / "spec.yaml") == spec
+
+
+def test_relative_paths_become_absolute(smoke, tmp_path, monkeypatch):
+    """Tune trials run in their own folders, so a relative data root must not stay relative."""
+    monkeypatch.chdir(tmp_path)
+    d = copy.deepcopy(smoke)
+    d["data"].update(dataset="imagefolder", root="data/cifar.tar.gz", num_classes=None)
+    d["teachers"]["models"] = [{"arch": "resnet8", "checkpoint": "~/t.pt"}]
+    spec = parse_spec(d)
+    assert spec.data.root == str(tmp_path / "data" / "cifar.tar.gz")
+    assert spec.teachers.models[0].checkpoint == os.path.expanduser("~/t.pt")
