@@ -63,6 +63,7 @@ def _run(cmd: list[str], env: dict[str, str], log: Path, timeout: float) -> subp
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # three small end-to-end runs; about 2-3 min on an idle 2-core machine
 def test_sigkill_at_a_random_moment_then_rerun_equals_uninterrupted(tmp_path):
     env = _env(tmp_path)
     ref_dir, ref_log = tmp_path / "ref", tmp_path / "ref.log"
