@@ -14,6 +14,7 @@ disabled; the conv/linear itself runs under whatever autocast is active (bf16 on
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 from collections.abc import Iterator
 
 import torch
@@ -48,6 +49,15 @@ class _QuantMixin:
     weight_quantizer: LsqWeightQuantizer | HalfQuantizer | None
     act_quantizer: LsqActQuantizer | HalfQuantizer | None
     _bypass: bool
+
+    def _adopt(self, src: nn.Module, weight_bits: int, act_bits: int | None, impl: str, act_init: str) -> Any:
+        """Take over `src`'s parameters (shared, not copied), attach the quantizers, match its mode and device."""
+        self.weight, self.bias = src.weight, src.bias
+        self.weight_quantizer = make_weight_quantizer(weight_bits, src.weight.shape[0], impl)
+        self.act_quantizer = make_act_quantizer(act_bits, impl, act_init)
+        self._bypass = False
+        self.train(src.training)  # type: ignore[attr-defined]
+        return self.to(src.weight.device)  # type: ignore[attr-defined]
 
     @property
     def weight_bits(self) -> int:
@@ -89,12 +99,7 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
             conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
             conv.groups, conv.bias is not None, conv.padding_mode, device="meta", dtype=conv.weight.dtype,
         )  # fmt: skip
-        q.weight, q.bias = conv.weight, conv.bias  # share, do not copy
-        q.weight_quantizer = make_weight_quantizer(weight_bits, conv.out_channels, impl)
-        q.act_quantizer = make_act_quantizer(act_bits, impl, act_init)
-        q._bypass = False
-        q.train(conv.training)
-        return q.to(conv.weight.device)
+        return q._adopt(conv, weight_bits, act_bits, impl, act_init)
 
     def forward(self, x: Tensor) -> Tensor:
         if self._bypass:
@@ -119,12 +124,7 @@ class QuantLinear(_QuantMixin, nn.Linear):
     ) -> QuantLinear:
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta",
                 dtype=linear.weight.dtype)  # fmt: skip
-        q.weight, q.bias = linear.weight, linear.bias
-        q.weight_quantizer = make_weight_quantizer(weight_bits, linear.out_features, impl)
-        q.act_quantizer = make_act_quantizer(act_bits, impl, act_init)
-        q._bypass = False
-        q.train(linear.training)
-        return q.to(linear.weight.device)
+        return q._adopt(linear, weight_bits, act_bits, impl, act_init)
 
     def forward(self, x: Tensor) -> Tensor:
         if self._bypass:
