@@ -49,7 +49,7 @@ def main() -> None:
     spec = load_spec(args.run_dir / "spec.yaml")
     device = resolve_device(spec.device)
     student = args.run_dir / "students" / f"{args.student}.pt"
-    bundle = load_data(spec.data, seed=spec.seed)
+    bundle = load_data(spec.data)
     test = EvalLoader(bundle.test, batch_size=spec.data.eval_batch_size, device=device)
     norm = Normalizer.from_bundle(bundle)
     model, _ = load_model(student)

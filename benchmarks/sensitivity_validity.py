@@ -60,7 +60,7 @@ summary = sensitivity_stage(spec, ctx)
 res["sensitivity_stage"] = summary; res.setdefault("sensitivity_wall_s", time.perf_counter() - t0); save()
 table = pd.read_parquet(ctx.run_dir / "sensitivity" / "sensitivity.parquet")
 
-bundle = load_data(spec.data, seed=spec.seed)
+bundle = load_data(spec.data)
 norm = Normalizer.from_bundle(bundle)
 test = EvalLoader(bundle.test, batch_size=500, device=dev)
 model, _ = load_model(ctx.run_dir / "students" / "scratch.pt")

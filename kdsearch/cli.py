@@ -36,6 +36,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def _load(args: argparse.Namespace) -> tuple[Spec, RunContext]:
     overrides = dict(parse_override(s) for s in args.set or [])
+    if getattr(args, "device", None):
+        overrides["device"] = args.device  # --device is the spec's device: the Ray tasks resolve it where they run
     spec = load_spec(args.spec, overrides)
     from .data import check_data
     from .spec_checks import check_spec
@@ -43,7 +45,7 @@ def _load(args: argparse.Namespace) -> tuple[Spec, RunContext]:
     check_spec(spec)
     check_data(spec.data)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / spec.name
-    ctx = RunContext.create(run_dir, device=args.device or spec.device, address=args.address)
+    ctx = RunContext.create(run_dir, device=spec.device, address=args.address)
     return spec, ctx
 
 
@@ -58,7 +60,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .models import is_model
-    from .stages.train_models import train_float_model, train_scratch_student, train_teachers
+    from .raycluster import ensure_ray
+    from .stages.baselines import student_units
+    from .stages.tasks import gather
+    from .stages.teachers import train_teachers
 
     spec, ctx = _load(args)
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
@@ -68,17 +73,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError("--distill applies to --model student (the KD student)")
     if args.model in ("teachers", "teacher"):
         out = train_teachers(spec, ctx)
-    elif args.model == "student" and args.distill:
-        from .stages.baselines import train_kd_student
-
-        out = train_kd_student(spec, ctx, strategy=args.distill)
     elif args.model == "student":
-        out = train_scratch_student(spec, ctx)
+        ensure_ray(ctx.address)
+        refs, pool = student_units(spec, ctx.run_dir, strategies=(args.distill,) if args.distill else (),
+                                   scratch=not args.distill)
+        try:
+            out = gather("train", refs)
+        finally:
+            if pool is not None:
+                pool.shutdown()
     elif is_model(args.model):
+        from .fp32 import train_float_model
+        from .runtime import resolve_device
+
         teacher = next((t for t in spec.teachers.models if t.arch == args.model), None)
         cfg = spec.teachers.train if teacher else spec.student.train
         path = ctx.run_dir / "models" / f"{args.model}.pt"
-        out = train_float_model(spec, args.model, cfg, path, device=ctx.device, progress=ctx.progress)
+        out = train_float_model(spec, args.model, cfg, path, seed=spec.seed, device=resolve_device(ctx.device_request),
+                                progress=ctx.progress)
     else:
         raise UsageError(f"--model '{args.model}' is neither 'teachers', 'student' nor a known architecture "
                          "(see `kdsearch models`)")
@@ -149,35 +161,45 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Ship a finalized model: the packed .kdq file (default: the best one under the first budget), or ONNX."""
+    """Ship a finalized model: the packed .kdq file, or ONNX. Default: the model with the best mean validation
+    accuracy within the first budget (ties toward the smaller), and of its seeds the one best on validation."""
     import shutil
 
     import pandas as pd
 
     from .io import atomic_path
+    from .rundir import RunDir
+    from .selection import export_default
     from .status import check_run_dir
 
-    run_dir = check_run_dir(args.run_dir)
-    table = run_dir / "final" / "final.parquet"
-    if not table.is_file():
-        raise UsageError(f"{run_dir} has no finalized models yet; run `kdsearch run SPEC` until the finalize stage")
-    df = pd.read_parquet(table)
+    rd = RunDir(check_run_dir(args.run_dir))
+    if not rd.final_table.is_file():
+        raise UsageError(f"{rd.root} has no finalized models yet; run `kdsearch run SPEC` until the finalize stage")
+    df = pd.read_parquet(rd.final_table)
     if args.model:
-        row = df[df["id"] == args.model]
-        if row.empty:
-            raise UsageError(f"--model '{args.model}' is not a finalized model; choose from {', '.join(df['id'])}")
+        if args.model not in set(df["id"]):
+            raise UsageError(f"--model '{args.model}' is not a finalized model; choose from "
+                             f"{', '.join(dict.fromkeys(df['id']))}")
+        model_id = args.model
     else:
-        best = df[df["roles"].str.contains("best <=", regex=False)]
-        row = (best if len(best) else df).sort_values("acc", ascending=False).head(1)
-    r = row.iloc[0]
-    src = run_dir / "final" / f"{r['id']}.kdq"
+        budgets = [float(b) for b in (rd.spec_dict().get("search") or {}).get("budgets_mb") or []]
+        model_id = export_default(df, budgets)["id"]  # type: ignore[index]
+    rows = df[df["id"] == model_id]
+    if args.seed is not None:
+        rows = rows[rows["seed"] == args.seed]
+        if rows.empty:
+            raise UsageError(f"--seed {args.seed}: {model_id} was finalized for seeds "
+                             f"{', '.join(map(str, df[df['id'] == model_id]['seed']))}")
+    r = rows.sort_values(["val_acc", "seed"], ascending=[False, True]).iloc[0]  # validation picks the seed too
+    src = rd.final_model(r["id"], int(r["seed"]))
     if args.onnx:
         import torch
 
-        from .quant import export_onnx, load_quantized
+        from .quant import export_onnx, load_quantized, read_metadata
 
+        shape = read_metadata(src).get("image_shape") or [3, 32, 32]
         try:
-            export_onnx(load_quantized(src), args.onnx, torch.zeros(1, 3, 32, 32))
+            export_onnx(load_quantized(src), args.onnx, torch.zeros(1, *shape))
         except ImportError as err:
             raise UsageError(f"{err}") from None
         dest = Path(args.onnx)
@@ -185,14 +207,15 @@ def cmd_export(args: argparse.Namespace) -> int:
         dest = Path(args.out or f"{r['id']}.kdq")
         with atomic_path(dest) as tmp:
             shutil.copyfile(src, tmp)
-    print(f"{dest}: {r['id']} ({r['label']}), accuracy {r['acc']:.2f}%, size model {r['size_mb']:.4f} MB, "
-          f"{dest.stat().st_size:,} bytes on disk")
+    print(f"{dest}: {r['id']} seed {int(r['seed'])} ({r['label']}), validation {r['val_acc']:.2f}%, test "
+          f"{r['test_acc']:.2f}% (reloaded file), size model {r['size_mb']:.4f} MB, {dest.stat().st_size:,} bytes "
+          "on disk")
     return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     spec, ctx = _load(args)
-    print(f"{spec.name}: ok (run dir {ctx.run_dir}, device {ctx.device})")
+    print(f"{spec.name}: ok (run dir {ctx.run_dir}, device {ctx.device_request}, seeds {list(spec.seeds)})")
     return 0
 
 
@@ -254,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_report)
     p = sub.add_parser("export", help="write a finalized model as a packed .kdq file (or ONNX with QDQ nodes)")
     p.add_argument("run_dir")
-    p.add_argument("--model", help="a finalized model id (default: the best under the first budget)")
+    p.add_argument("--model", help="a finalized model id (default: the best on validation within the first budget)")
+    p.add_argument("--seed", type=int, help="which seed's file (default: the one best on validation)")
     p.add_argument("--out", help="destination .kdq path (default ./<id>.kdq)")
     p.add_argument("--onnx", metavar="PATH", help="write ONNX with QuantizeLinear/DequantizeLinear nodes instead")
     p.set_defaults(fn=cmd_export)

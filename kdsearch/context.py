@@ -1,4 +1,9 @@
-"""What a stage needs besides the spec: where the run lives and how to reach compute."""
+"""What a stage needs besides the spec: where the run lives, which device it asks for, how to reach compute.
+
+The driver never resolves a device: `device_request` ("auto", "cpu", "cuda") travels to the Ray tasks, which
+resolve it where they run (`kdsearch.raycluster.task_device`), so a driver on a GPU-less head node still puts
+the work on the workers' GPUs.
+"""
 
 from __future__ import annotations
 
@@ -6,24 +11,27 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-
-from .runtime import resolve_device
+from typing import Any
 
 
 @dataclass(frozen=True)
 class RunContext:
     run_dir: Path
-    device: torch.device
+    device_request: str = "auto"
     address: str | None = None  # Ray cluster address ("auto" joins `ray up`'s cluster); None starts a local Ray
     progress: bool = True  # live bars on a terminal; per-epoch log lines always
 
     @classmethod
     def create(cls, run_dir: str | Path, device: str = "auto", address: str | None = None,
                progress: bool | None = None) -> "RunContext":
-        return cls(Path(run_dir), resolve_device(device), address,
-                   sys.stderr.isatty() if progress is None else progress)
+        return cls(Path(run_dir), device, address, sys.stderr.isatty() if progress is None else progress)
+
+    @property
+    def device(self) -> Any:
+        """This process's device for the request; for in-process helpers (tests, benchmarks), not for stages."""
+        from .runtime import resolve_device
+
+        return resolve_device(self.device_request)
 
 
 def setup_logging(level: int = logging.INFO) -> None:

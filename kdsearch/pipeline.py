@@ -18,16 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from .context import RunContext
+from .errors import StageFailed
 from .io import atomic_write_json, stable_hash
 from .spec import Spec
 
 log = logging.getLogger("kdsearch.pipeline")
 
 StageFn = Callable[[Spec, RunContext], dict[str, Any]]
-
-
-class StageFailed(RuntimeError):
-    """A stage ran but produced nothing usable; it is not recorded as done, so a rerun tries it again."""
 
 
 @dataclass(frozen=True)
@@ -38,21 +35,25 @@ class Stage:
     after: tuple[str, ...] = ()  # upstream stages
 
 
-def _teachers(spec: Spec, ctx: RunContext) -> dict[str, Any]:
-    from .stages.train_models import train_teachers
+def _summary(m: dict[str, Any]) -> dict[str, Any]:
+    return {"arch": m["arch"], "val_acc": m["val_acc"], "test_acc": m["test_acc"],
+            "node": (m.get("node") or {}).get("ip")}
 
-    return {"teachers": {a: {"test_acc": m["test_acc"]} for a, m in train_teachers(spec, ctx).items()}}
+
+def _teachers(spec: Spec, ctx: RunContext) -> dict[str, Any]:
+    from .stages.teachers import train_teachers
+
+    return {"teachers": {a: _summary(m) for a, m in train_teachers(spec, ctx).items()}}
 
 
 def _baselines(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     from .stages.baselines import train_baselines
 
-    out = train_baselines(spec, ctx)
-    return {k: {"arch": m["arch"], "test_acc": m["test_acc"]} for k, m in out.items()}
+    return {k: _summary(m) for k, m in train_baselines(spec, ctx).items()}
 
 
 def _sensitivity(spec: Spec, ctx: RunContext) -> dict[str, Any]:
-    from .sensitivity import sensitivity_stage
+    from .stages.sensitivity import sensitivity_stage
 
     return sensitivity_stage(spec, ctx)
 
@@ -85,14 +86,16 @@ def _report(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     return report_stage(spec, ctx)
 
 
+# "seed" is seeds[0] (the once-per-run stages); "seeds" the list the students and finalize train over. Within a
+# stage each model keeps its own inputs key, so adding a seed trains only the new seed's models.
 STAGES: tuple[Stage, ...] = (
     Stage("teachers", _teachers, reads=("seed", "data", "teachers")),
-    Stage("baselines", _baselines, reads=("seed", "data", "student", "distill"), after=("teachers",)),
+    Stage("baselines", _baselines, reads=("seeds", "data", "student", "distill"), after=("teachers",)),
     Stage("sensitivity", _sensitivity, reads=("seed", "data", "student", "quant", "sensitivity", "search"),
           after=("baselines",)),
     Stage("search", _search, reads=("seed", "data", "student", "distill", "quant", "search"),
           after=("baselines", "sensitivity")),
-    Stage("finalize", _finalize, reads=("seed", "data", "student", "distill", "quant", "search", "finalize"),
+    Stage("finalize", _finalize, reads=("seeds", "data", "student", "distill", "quant", "search", "finalize"),
           after=("search",)),
     Stage("report", _report, reads=(), after=("finalize",)),
 )
@@ -108,7 +111,7 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
 
 
 def stage_key(spec: Spec, stage: Stage, keys: dict[str, str]) -> str:
-    d = spec.to_dict()
+    d = spec.key_dict()
     return stable_hash({"spec": {k: d[k] for k in stage.reads}, "after": {a: keys.get(a) for a in stage.after}})
 
 
@@ -144,7 +147,8 @@ def run_pipeline(spec: Spec, ctx: RunContext, only: tuple[str, ...] | None = Non
             summaries[stage.name] = done.get("summary", {})
             continue
         if done:
-            fields = _changed_fields(old_spec, spec.to_dict(), stage.reads) or ["an upstream stage"]
+            old = {**old_spec, "seed": (old_spec.get("seeds") or [old_spec.get("seed")])[0]} if old_spec else None
+            fields = _changed_fields(old, spec.key_dict(), stage.reads) or ["an upstream stage"]
             log.info("stage %s: inputs changed (%s); redoing", stage.name, ", ".join(fields))
         log.info("stage %s: running", stage.name)
         t0 = time.perf_counter()

@@ -68,7 +68,7 @@ def plot_pareto(results: pd.DataFrame, path: str | Path, *, budget_mb: float | N
         pad = max(0.5, 0.05 * (hi - lo))
         ax.set_ylim(lo - pad, hi + pad)
     ax.set_xlabel("model size (MB = 10^6 bytes)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("validation accuracy (%)")
     ax.set_title(title or "Bit-width search: accuracy vs size")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")

@@ -120,15 +120,19 @@ def format_search(p: SearchProgress) -> str:
 
 
 def finalize_line(run_dir: str | Path) -> str | None:
-    """'finalize: model 3/8 trial_00012 (Mixed 8/4-bit) epoch 4/15', from final/progress.json."""
+    """'finalize: 3/8 models done; running qat_kd_8 s1, trial_00012 s0, ...', from final/progress.json."""
     p = Path(run_dir) / "final" / "progress.json"
     if not p.is_file():
         return None
-    s = json.loads(p.read_text())
-    if s.get("current") is None:
-        return f"finalize: {s.get('total', 0)}/{s.get('total', 0)} models done"
-    return (f"finalize: model {s['index'] + 1}/{s['total']} {s['current']} ({s.get('label') or '?'}) "
-            f"epoch {s.get('epoch', 0)}/{s.get('epochs', '?')}")
+    try:
+        s = json.loads(p.read_text())
+    except (json.JSONDecodeError, OSError):
+        return None
+    total, done, running = s.get("total", 0), s.get("done", 0), s.get("running") or []
+    if not running:
+        return f"finalize: {done}/{total} models done"
+    shown = ", ".join(running[:4]) + (f", +{len(running) - 4} more" if len(running) > 4 else "")
+    return f"finalize: {done}/{total} models done; queued or training: {shown}"
 
 
 def spec_total(run_dir: str | Path) -> int | None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
+from typing import Any
 
 log = logging.getLogger("kdsearch.ray")
 
@@ -28,3 +30,32 @@ def cluster_gpus() -> float:
     import ray
 
     return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def where() -> dict[str, Any]:
+    """The node a task runs on (id, IP, host, pid, device), recorded in every output it writes."""
+    import ray
+
+    ctx = ray.get_runtime_context() if ray.is_initialized() else None
+    return {"node_id": ctx.get_node_id() if ctx else None,
+            "ip": ray.util.get_node_ip_address() if ray.is_initialized() else None,
+            "host": platform.node(), "pid": os.getpid(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []}
+
+
+def task_device(requested: str) -> Any:
+    """The device of the running Ray task: CUDA only when Ray gave this task a GPU, so a task never takes an
+    uncounted share of a GPU and the driver's own device never matters. Outside Ray: `resolve_device`."""
+    import ray
+    import torch
+
+    from .runtime import DeviceError, resolve_device
+
+    if not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
+        return resolve_device(requested)
+    if requested != "cpu" and ray.get_gpu_ids() and torch.cuda.is_available():
+        return torch.device("cuda")
+    if requested == "cuda":
+        raise DeviceError("the spec asks for device: cuda but Ray gave this task no GPU; give the cluster GPU "
+                          "workers or set device: auto")
+    return torch.device("cpu")

@@ -18,6 +18,7 @@ labelled by the widths they use (e.g. "Mixed 8/4/2-bit").
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,10 @@ import pandas as pd
 
 from .context import RunContext
 from .io import atomic_write_text
+from .rundir import RunDir, read_json
+from .selection import best_first, model_means
 from .spec import Spec
-from .status import check_run_dir, markdown_table, read_json, run_spec, stage_rows
+from .status import check_run_dir, markdown_table, run_spec, stage_rows
 
 log = logging.getLogger("kdsearch.report")
 
@@ -35,36 +38,63 @@ NOT_RUN = "not run yet"
 UNIFORM_ROWS = (("QAT Scratch", "16-bit", "qat_scratch_16"), ("QAT KD", "16-bit", "qat_kd_16"),
                 ("QAT Scratch", "8-bit", "qat_scratch_8"), ("QAT KD", "8-bit", "qat_kd_8"))
 MIXED_ROWS = ((16, 8), (8, 4))
-ROW_COLUMNS = ["Configuration", "Bit-width scheme", "Accuracy (%)", "Size (MB)", "File (bytes)", "Avg bits", "Model"]
+ROW_COLUMNS = ["Configuration", "Bit-width scheme", "Test acc. (%)", "n", "Val acc. (%)", "Size (MB)", "File (bytes)",
+               "Avg bits", "Teachers", "Model"]
 
 
 def _pct(v: Any) -> str:
     return f"{float(v):.2f}" if v is not None and v == v else "-"
 
 
+def mean_std(values: list[float] | pd.Series) -> tuple[float, float, int]:
+    """(mean, sample std (0 for one value), n) of accuracies; NaN mean for none."""
+    v = [float(x) for x in values if x is not None and x == x]
+    if not v:
+        return math.nan, math.nan, 0
+    m = sum(v) / len(v)
+    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+    return m, sd, len(v)
+
+
+def fmt_ms(values: list[float] | pd.Series) -> str:
+    """'73.45 ± 0.31' (mean ± sample std over seeds), '73.45' for one seed, '-' for none."""
+    m, sd, n = mean_std(values)
+    if n == 0:
+        return "-"
+    return f"{m:.2f} ± {sd:.2f}" if n > 1 else f"{m:.2f}"
+
+
 def _float_student(run_dir: Path) -> dict[str, Any]:
     """arch, num_classes, FP32 size (size model) and provenance of the float student; {} without one."""
     from .checkpoints import CheckpointError, read_model_file
 
-    for name in ("kd.pt", "scratch.pt"):
-        p = run_dir / "students" / name
-        if not p.is_file():
-            continue
-        try:
-            obj = read_model_file(p)
-        except CheckpointError:
-            continue
-        from .models import create_model
-        from .quant import model_size
+    rd = RunDir(run_dir)
+    for seed in rd.seeds():
+        for kind in ("kd", "scratch"):
+            p = rd.student(kind, seed)
+            if not p.is_file():
+                continue
+            try:
+                obj = read_model_file(p)
+            except CheckpointError:
+                continue
+            from .models import create_model
+            from .quant import model_size
 
-        size = model_size(create_model(obj["arch"], num_classes=obj["num_classes"]))
-        return {"arch": obj["arch"], "num_classes": obj["num_classes"], "fp32_mb": size.total_mb,
-                "params": size.num_params, "meta": obj.get("meta", {})}
+            size = model_size(create_model(obj["arch"], num_classes=obj["num_classes"]))
+            return {"arch": obj["arch"], "num_classes": obj["num_classes"], "fp32_mb": size.total_mb,
+                    "params": size.num_params, "meta": obj.get("meta", {})}
     return {}
 
 
+def students(run_dir: Path, kind: str) -> list[dict[str, Any]]:
+    """The metrics of every seed's `kind` student (students/s<seed>/<kind>.json) that exists."""
+    rd = RunDir(run_dir)
+    return [m for s in rd.seeds() if (m := read_json(rd.student(kind, s).with_suffix(".json")))]
+
+
 def _final(run_dir: Path) -> pd.DataFrame | None:
-    p = run_dir / "final" / "final.parquet"
+    p = RunDir(run_dir).final_table
     return pd.read_parquet(p) if p.is_file() else None
 
 
@@ -72,36 +102,45 @@ def _used(s: Any) -> frozenset[int]:
     return frozenset(int(b) for b in str(s).split("/") if b)
 
 
-def _model_row(conf: str, scheme: str, r: pd.Series) -> list[Any]:
-    return [conf, scheme, _pct(r["acc"]), f"{r['size_mb']:.4f}", f"{int(r['file_bytes']):,}", f"{r['avg_bits']:.2f}",
-            f"final/{r['file']}"]
+def _source(v: Any) -> str:
+    return {"cache": "logit cache", "live": "live (Ray actors)"}.get(str(v), "-") if v is not None and v == v else "-"
+
+
+def _model_row(conf: str, scheme: str, r: pd.Series, final: pd.DataFrame) -> list[Any]:
+    seeds = final[final["id"] == r["id"]]
+    return [conf, scheme, fmt_ms(seeds["test_acc"]), len(seeds), fmt_ms(seeds["val_acc"]), f"{r['size_mb']:.4f}",
+            f"{int(r['file_bytes']):,}", f"{r['avg_bits']:.2f}", _source(r.get("source")),
+            f"final/{r['id']}.s*.kdq"]
 
 
 def _missing_row(conf: str, scheme: str, why: str) -> list[Any]:
-    return [conf, scheme, why, "-", "-", "-", "-"]
+    return [conf, scheme, why, 0, "-", "-", "-", "-", "-", "-"]
 
 
 def seed_table(run_dir: Path, spec: dict[str, Any], student: dict[str, Any]) -> pd.DataFrame:
-    """The seed's eight rows (plus one per other finalized width set), with accuracy and sizes or why not."""
+    """The seed's eight rows (plus one per other finalized width set): test accuracy as mean ± std over the seeds
+    (with n), the validation accuracy that chose it, sizes, the teacher source, or why a row is missing."""
     rows: list[list[Any]] = []
     fp32 = student.get("fp32_mb")
-    for conf, name in (("Baseline (Scratch)", "scratch"), ("KD (FP32)", "kd")):
-        m = read_json(run_dir / "students" / f"{name}.json")
-        if m:
-            rows.append([conf, "FP32", _pct(m.get("test_acc")), f"{fp32:.4f}" if fp32 else "-", "-", "32.00",
-                         f"students/{name}.pt"])
+    for conf, kind in (("Baseline (Scratch)", "scratch"), ("KD (FP32)", "kd")):
+        ms = students(run_dir, kind)
+        if ms:
+            rows.append([conf, "FP32", fmt_ms([m.get("test_acc") for m in ms]), len(ms),
+                         fmt_ms([m.get("val_acc") for m in ms]), f"{fp32:.4f}" if fp32 else "-", "-", "32.00",
+                         _source(ms[0].get("source")), f"students/s*/{kind}.pt"])
         else:
             rows.append(_missing_row(conf, "FP32", NOT_RUN))
     final = _final(run_dir)
+    models = model_means(final) if final is not None else None
     for conf, scheme, fid in UNIFORM_ROWS:
-        hit = final[final["id"] == fid] if final is not None else None
+        hit = models[models["id"] == fid] if models is not None and len(models) else None
         if hit is not None and len(hit):
-            rows.append(_model_row(conf, scheme, hit.iloc[0]))
+            rows.append(_model_row(conf, scheme, hit.iloc[0], final))
         else:
             rows.append(_missing_row(conf, scheme, NOT_RUN))
     quant = spec.get("quant") or {}
     choices = set(quant.get("bits") or []) | set((quant.get("pin") or {}).values())
-    searched = final[final["kind"].isin(("searched", "solver"))] if final is not None else None
+    searched = models[models["kind"].isin(("searched", "solver"))] if models is not None and len(models) else None
     seen: set[frozenset[int]] = set()
     for pair in MIXED_ROWS:
         scheme = f"Mixed {pair[0]}/{pair[1]}-bit"
@@ -117,50 +156,78 @@ def seed_table(run_dir: Path, spec: dict[str, Any], student: dict[str, Any]) -> 
             why = f"no finalized configuration uses exactly {pair[0]}/{pair[1]}"
             rows.append(_missing_row("QAT Layer+KD", scheme, why))
         else:
-            rows.append(_model_row("QAT Layer+KD", scheme, hit.sort_values("acc", ascending=False).iloc[0]))
+            rows.append(_model_row("QAT Layer+KD", scheme, best_first(hit).iloc[0], final))
     if searched is not None and len(searched):
         for used, group in sorted(searched.groupby(searched["bits_used"].map(_used)), key=lambda g: -max(g[0])):
             if used in seen:
                 continue
-            best = group.sort_values("acc", ascending=False).iloc[0]
-            rows.append(_model_row("QAT Layer+KD", best["label"], best))
+            best = best_first(group).iloc[0]
+            rows.append(_model_row("QAT Layer+KD", best["label"], best, final))
     return pd.DataFrame(rows, columns=ROW_COLUMNS)
 
 
 def _teachers_line(run_dir: Path, spec: dict[str, Any]) -> str:
     order = [t if isinstance(t, str) else t.get("arch") for t in ((spec.get("teachers") or {}).get("models") or [])]
-    found = {p.stem: read_json(p) for p in sorted((run_dir / "teachers").glob("*.json"))}
+    found = {p.stem: read_json(p) for p in sorted(RunDir(run_dir).teachers_dir.glob("*.json"))}
     archs = order or sorted(found)
-    parts = [f"{a} ({_pct(found[a].get('test_acc'))}%)" if a in found and found[a] else f"{a} ({NOT_RUN})"
-             for a in archs]
+    parts = [f"{a} (test {_pct(found[a].get('test_acc'))}%, val {_pct(found[a].get('val_acc'))}%)"
+             if a in found and found[a] else f"{a} ({NOT_RUN})" for a in archs]
     return ", ".join(parts) if parts else NOT_RUN
 
 
-def _efficiency(table: pd.DataFrame, final: pd.DataFrame | None, student: dict[str, Any],
-                budgets: list[float]) -> list[str]:
+def paired_difference(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, int]:
+    """Mean ± std of a[s] - b[s] over the seeds both have (a paired comparison: same seed, same views)."""
+    common = sorted(set(a) & set(b))
+    return mean_std([a[s] - b[s] for s in common])
+
+
+def difference_line(what: str, a: dict[int, float], b: dict[int, float]) -> str:
+    """One line: the paired difference, and whether it is inside the seed-to-seed spread."""
+    m, sd, n = paired_difference(a, b)
+    if n == 0:
+        return f"* {what}: {NOT_RUN}"
+    if n == 1:
+        return f"* {what}: {m:+.2f} points (one seed: no spread to compare it with; run `seeds: [0, 1, 2]`)"
+    verdict = "larger than" if abs(m) > sd else "inside"
+    return f"* {what}: {m:+.2f} ± {sd:.2f} points (paired over n={n} seeds; the difference is {verdict} its spread)"
+
+
+def _by_seed(rows: list[dict[str, Any]] | pd.DataFrame, col: str = "test_acc") -> dict[int, float]:
+    if isinstance(rows, pd.DataFrame):
+        return {int(s): float(v) for s, v in zip(rows["seed"], rows[col])}
+    return {int(m["seed"]): float(m[col]) for m in rows if m.get(col) is not None}
+
+
+def _efficiency(final: pd.DataFrame | None, run_dir: Path, student: dict[str, Any], budgets: list[float]) -> list[str]:
     fp32 = student.get("fp32_mb")
     if not fp32:
         return [f"* Original size (FP32): {NOT_RUN}"]
     lines = [f"* **Original size (FP32):** {fp32:.4f} MB ({student['params']:,} parameters x 4 bytes)"]
-    scratch = table.loc[table["Configuration"] == "Baseline (Scratch)", "Accuracy (%)"].iloc[0]
-    if final is None or not len(final):
+    scratch, kd = students(run_dir, "scratch"), students(run_dir, "kd")
+    lines.append(difference_line("KD (FP32) - scratch (FP32), test accuracy", _by_seed(kd), _by_seed(scratch)))
+    models = model_means(final) if final is not None else None
+    if models is None or not len(models):
         return lines + [f"* Compressed size: {NOT_RUN} (finalize)"]
-    mixed = table[(table["Bit-width scheme"] == "Mixed 8/4-bit") & (table["Size (MB)"] != "-")]
-    pick = final[final["file"] == mixed["Model"].iloc[0].removeprefix("final/")].iloc[0] if len(mixed) else \
-        final.sort_values(["acc", "size_mb"], ascending=[False, True]).iloc[0]
+    mixed = models[models["kind"].isin(("searched", "solver")) & (models["bits_used"].map(_used) == frozenset((8, 4)))]
+    pick = best_first(mixed).iloc[0] if len(mixed) else best_first(models).iloc[0]
+    sm = mean_std([m.get("test_acc") for m in scratch])[0]
     vs = ""
-    if scratch not in ("-", NOT_RUN):
-        d = float(pick["acc"]) - float(scratch)
-        vs = f", {abs(d):.2f} points {'above' if d >= 0 else 'below'} the scratch FP32 model"
+    if sm == sm:
+        d = float(pick["test_acc"]) - sm
+        vs = f", {abs(d):.2f} points {'above' if d >= 0 else 'below'} the scratch FP32 model (means)"
     lines += [f"* **Compressed size ({pick['label']}, `{pick['id']}`):** {pick['size_mb']:.4f} MB "
-              f"({int(pick['file_bytes']):,} bytes on disk), {_pct(pick['acc'])}% accuracy",
+              f"({int(pick['file_bytes']):,} bytes on disk), {fmt_ms(final[final['id'] == pick['id']]['test_acc'])}% "
+              f"test accuracy (n={int(pick['n'])})",
               f"* **Reduction:** {fp32 / pick['size_mb']:.1f}x smaller{vs}"]
+    pick_rows = final[final["id"] == pick["id"]]
+    lines.append(difference_line(f"`{pick['id']}` - KD (FP32), test accuracy", _by_seed(pick_rows), _by_seed(kd)))
     for b in budgets:
-        fits = final[final["size_mb"] <= b]
+        fits = models[models["size_mb"] <= b]
         if len(fits):
-            best = fits.sort_values(["acc", "size_mb"], ascending=[False, True]).iloc[0]
-            lines.append(f"* Best finalized model within {b:g} MB: `{best['id']}` ({best['label']}), "
-                         f"{_pct(best['acc'])}% at {best['size_mb']:.4f} MB, {fp32 / best['size_mb']:.1f}x smaller")
+            best = best_first(fits).iloc[0]
+            lines.append(f"* Best finalized model within {b:g} MB (chosen on validation): `{best['id']}` "
+                         f"({best['label']}), test {fmt_ms(final[final['id'] == best['id']]['test_acc'])}% at "
+                         f"{best['size_mb']:.4f} MB, {fp32 / best['size_mb']:.1f}x smaller")
         else:
             lines.append(f"* Best finalized model within {b:g} MB: none")
     return lines
@@ -174,7 +241,7 @@ def _search_section(run_dir: Path) -> list[str]:
     out = [f"{summary.get('launched', 0)} trials launched ({', '.join(f'{v} {k}' for k, v in c.items() if v)}); "
            f"budget {summary.get('budget_mb')} MB; hypervolume {summary.get('hypervolume', 0):.4g} "
            f"(reference {summary.get('reference_point')}); front of {summary.get('front', 0)}; "
-           f"best accuracy {_pct(summary.get('best_acc'))}%; updated {summary.get('updated', '?')}.", ""]
+           f"best validation accuracy {_pct(summary.get('best_acc'))}%; updated {summary.get('updated', '?')}.", ""]
     if (run_dir / "search" / "pareto.png").is_file():
         out += ["![Pareto front: accuracy vs size](search/pareto.png)", ""]
     pf = run_dir / "search" / "pareto.parquet"
@@ -183,10 +250,10 @@ def _search_section(run_dir: Path) -> list[str]:
         if len(front):
             bit_cols = [col for col in front.columns if col.startswith("bits.")]
             front = front.assign(bits=front[bit_cols].astype(str).agg("/".join, axis=1))
-            cols = ["number", "acc", "size_mb", "avg_bits", "epochs", "bits"]
-            out += [f"Pareto front (search accuracy after {int(front['epochs'].max())} QAT epochs; bits in layer "
+            cols = ["number", "val_acc", "size_mb", "avg_bits", "epochs", "bits"]
+            out += [f"Pareto front (validation accuracy after {int(front['epochs'].max())} QAT epochs; bits in layer "
                     f"order {'/'.join(c.removeprefix('bits.') for c in bit_cols)}):", "",
-                    markdown_table(front[cols], {"acc": ".2f", "size_mb": ".4f", "avg_bits": ".2f"})]
+                    markdown_table(front[cols], {"val_acc": ".2f", "size_mb": ".4f", "avg_bits": ".2f"})]
     return out
 
 
@@ -212,14 +279,16 @@ def _sensitivity_section(run_dir: Path) -> list[str]:
 def _finalized_section(final: pd.DataFrame | None) -> list[str]:
     if final is None:
         return [NOT_RUN]
-    cols = ["id", "label", "roles", "start", "kd", "acc", "export_acc", "size_mb", "file_bytes", "avg_bits",
-            "compression", "search_acc"]
+    cols = ["id", "seed", "label", "roles", "start", "kd", "source", "val_acc", "export_val_acc", "test_acc",
+            "size_mb", "file_bytes", "avg_bits", "compression", "search_acc", "node"]
     bad = final[~final["export_ok"].astype(bool)]
-    note = ("All exports verified: reloaded from the packed file, the test accuracy equals the trained model's."
-            if not len(bad) else f"**Export check failed for {', '.join(bad['id'])}**: the reloaded file does not "
-            "reproduce the trained model's accuracy.")
-    return [markdown_table(final[cols], {"acc": ".2f", "export_acc": ".2f", "size_mb": ".4f", "avg_bits": ".2f",
-                                         "compression": ".1f", "search_acc": ".2f"}), "", note]
+    note = ("All exports verified: reloaded from the packed file, each reproduces the trained model's validation "
+            "accuracy; the test accuracy is the reloaded file's." if not len(bad) else
+            f"**Export check failed for {', '.join(bad['id'] + ' s' + bad['seed'].astype(str))}**: the reloaded "
+            "file does not reproduce the trained model's validation accuracy.")
+    return [markdown_table(final[[c for c in cols if c in final.columns]],
+                           {"val_acc": ".2f", "export_val_acc": ".2f", "test_acc": ".2f", "size_mb": ".4f",
+                            "avg_bits": ".2f", "compression": ".1f", "search_acc": ".2f"}), "", note]
 
 
 def render_report(run_dir: str | Path) -> str:
@@ -234,7 +303,8 @@ def render_report(run_dir: str | Path) -> str:
     final = _final(p)
     table = seed_table(p, spec, student)
     budgets = [float(b) for b in (spec.get("search") or {}).get("budgets_mb") or []]
-    kd = read_json(p / "students" / "kd.json")
+    kd = (students(p, "kd") or [{}])[0]
+    seeds = RunDir(p).seeds()
     distill = spec.get("distill") or {}
     qat_epochs = (quant.get("qat") or {}).get("epochs", "?")
     student_epochs = ((spec.get("student") or {}).get("train") or {}).get("epochs", "?")
@@ -250,12 +320,18 @@ def render_report(run_dir: str | Path) -> str:
         f"* **Provenance:** kdsearch {meta.get('kdsearch_version', __version__)}, "
         f"git {meta.get('git_commit') or '?'}, torch {meta.get('torch', '?')}; "
         f"report written {time.strftime('%Y-%m-%d %H:%M:%S')}", "",
-        "## Results", "", markdown_table(table), "",
-        "Accuracy: top-1 on the test split (%). Size: the size model (MB = 10^6 bytes; packed weights, per-channel "
-        "scales, folded BatchNorm); File: the exported `.kdq` on disk (size model + safetensors header and "
-        "metadata). QAT rows start from the scratch (QAT Scratch) or KD (QAT KD, Layer+KD) float student; "
-        "KD rows distil during QAT.", "",
-        "## Efficiency analysis", "", *_efficiency(table, final, student, budgets), "",
+        "## Results", "", "**Selected on validation, reported on test.** Every choice (the search, the front, "
+        "finalize's picks, the rows below, the model `kdsearch export` ships) was made on the validation split "
+        "held out of the training images; the test split was read once per listed model, after it was chosen.",
+        "", markdown_table(table), "",
+        f"Test acc.: top-1 on the test split (%), mean ± sample std over the n seeds {seeds}; for a finalized "
+        "model, the accuracy of its exported, reloaded `.kdq` file. Val acc.: the validation accuracy that ranks "
+        "it. Size: the size model (MB = 10^6 bytes; packed weights, per-channel scales, folded BatchNorm); File: "
+        "the exported `.kdq` on disk (size model + safetensors header and metadata). QAT rows start from the "
+        "same seed's scratch (QAT Scratch) or KD (QAT KD, Layer+KD) float student; KD rows distil during QAT. "
+        "Teachers: where the KD rows' teacher logits came from (a cache covering every epoch they train, or "
+        "live Ray actors); a KD row and its scratch row see the same augmented views, epoch by epoch.", "",
+        "## Efficiency analysis", "", *_efficiency(final, p, student, budgets), "",
         "## All finalized models", "", *_finalized_section(final), "",
         "## Search", "", *_search_section(p), "",
         "## Layer sensitivity", "", *_sensitivity_section(p), "",

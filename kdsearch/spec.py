@@ -71,6 +71,10 @@ class DataConfig(_Cfg):
     num_classes: int | None = Field(None, ge=2)  # derived for cifar; required for synthetic
     train_size: int | None = Field(None, ge=1)  # synthetic size, or a deterministic subset of a real train split
     test_size: int | None = Field(None, ge=1)
+    # Held out of the train split (after train_size) to make every choice: a count, or a fraction of the train
+    # split; stratified by class. Ignored when the data has its own val/ split (imagefolder).
+    val_size: int | float = 0.1
+    split_seed: int = 0  # seeds the data itself (synthetic images, subsets, the validation split), not training
     augment: Literal["none", "standard", "autoaugment", "randaugment", "trivialaugment"] = "standard"
     cutout: int = Field(0, ge=0, le=32)  # side of the erased square in px (DeVries & Taylor 2017); 0 = off
     random_erasing: float = Field(0.0, ge=0, le=1)  # probability of torchvision RandomErasing
@@ -82,6 +86,13 @@ class DataConfig(_Cfg):
     @classmethod
     def _absolute_root(cls, v: str | None) -> str | None:
         return _absolute(v)
+
+    @field_validator("val_size")
+    @classmethod
+    def _val_size(cls, v: int | float) -> int | float:
+        if isinstance(v, bool) or (isinstance(v, int) and v < 1) or (isinstance(v, float) and not 0 < v < 1):
+            raise ValueError(f"val_size is a count >= 1 or a fraction in (0, 1) (got {v}); e.g. 0.1 or 5000")
+        return v
 
     @model_validator(mode="after")
     def _classes(self) -> "DataConfig":
@@ -157,6 +168,10 @@ class StudentConfig(_Cfg):
     arch: str
     candidates: tuple[str, ...] = ()  # for `kdsearch students`: architectures ranked by quantizability
     train: TrainConfig = TrainConfig()
+    # Resources of one student-sized unit of work (a scratch/KD student, a finalize model, the sensitivity
+    # table, a candidate's check): each is a Ray task with these, so a cluster spreads them over its GPUs.
+    gpus: float = Field(1.0, ge=0)
+    cpus: float = Field(1.0, gt=0)
 
     @field_validator("arch")
     @classmethod
@@ -258,7 +273,10 @@ class Spec(_Cfg):
     """A whole experiment. `name` names the run directory (runs/<name>/)."""
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
-    seed: int = 0
+    # The FP32 students and every finalized model are trained once per seed (independent Ray tasks) and
+    # reported as mean ± std over them; the teachers, the sensitivity table and the search run once, under
+    # seeds[0]. `seed: N` is accepted as the one-seed short form.
+    seeds: tuple[int, ...] = Field((0,), min_length=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     data: DataConfig = DataConfig()
     teachers: TeachersConfig
@@ -269,12 +287,40 @@ class Spec(_Cfg):
     search: SearchConfig
     finalize: FinalizeConfig = FinalizeConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _seed_short_form(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "seed" in data:
+            if "seeds" in data:
+                raise ValueError("give either seed or seeds, not both (seeds: [0, 1, 2] trains every reported "
+                                 "model once per seed)")
+            data = {**data, "seeds": [data["seed"]]}
+            del data["seed"]
+        return data
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"seeds must be distinct (got {list(v)})")
+        return v
+
+    @property
+    def seed(self) -> int:
+        """The seed of the once-per-run stages (teachers, sensitivity, search): seeds[0]."""
+        return self.seeds[0]
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
+    def key_dict(self) -> dict[str, Any]:
+        """The spec as a dict plus the pseudo-section `seed` (= seeds[0]), which the once-per-run stages read:
+        adding seeds must not redo the teachers or the search."""
+        return self.to_dict() | {"seed": self.seed}
+
     def fingerprint(self, *sections: str) -> str:
         """Hash of the named top-level sections (all when none): the stage-input key for resume."""
-        d = self.to_dict()
+        d = self.key_dict()
         return stable_hash({k: d[k] for k in (sections or tuple(d))})
 
     def save(self, path: str | os.PathLike[str]) -> None:

@@ -110,7 +110,7 @@ def running_trials(run_dir: Path, epochs: int | None) -> pd.DataFrame:
     bit_cols = [c for c in run.columns if c.startswith("bits.")]
     run["bits"] = run[bit_cols].astype(str).agg("/".join, axis=1) if len(run) else pd.Series(dtype=str)
     run["epoch"] = run["epochs"].astype(str) + f"/{epochs if epochs else '?'}"
-    return run[["number", "trial_id", "epoch", "acc", "size_mb", "wall_s", "bits"]].reset_index(drop=True)
+    return run[["number", "trial_id", "epoch", "val_acc", "size_mb", "wall_s", "bits"]].reset_index(drop=True)
 
 
 def run_status(run_dir: str | Path, *, front_rows: int = 10) -> str:
@@ -140,8 +140,8 @@ def run_status(run_dir: str | Path, *, front_rows: int = 10) -> str:
         more = f", the {front_rows} most accurate shown" if len(front) > front_rows else ""
         out += ["", f"current Pareto front ({len(front)} trials{more}):"]
         if len(front):
-            shown = front.sort_values("acc", ascending=False).head(front_rows).sort_values("size_mb")
-            out.append(markdown_table(shown.drop(columns=["trial_id"]), {"acc": ".2f", "size_mb": ".4f",
+            shown = front.sort_values("val_acc", ascending=False).head(front_rows).sort_values("size_mb")
+            out.append(markdown_table(shown.drop(columns=["trial_id"]), {"val_acc": ".2f", "size_mb": ".4f",
                                                                          "avg_bits": ".2f", "wall_s": ".0f"}))
         else:
             out.append("(no completed trial yet)")

@@ -116,7 +116,7 @@ def evaluate(
 def fit(
     model: nn.Module,
     train: Any,
-    test: Iterable[Any] | None,
+    val: Iterable[Any] | None,
     cfg: TrainConfig,
     *,
     normalizer: nn.Module,
@@ -128,11 +128,19 @@ def fit(
     progress: bool | None = None,
     desc: str = "train",
     start_epoch_hook: Callable[[int], None] | None = None,
+    resume_key: str | None = None,
 ) -> FitResult:
     """Train `model` for cfg.epochs on `train` (a `kdsearch.data.TrainLoader`), resuming from `ckpt_path`.
 
-    `teacher` + `kd_loss` turn the step into distillation; `on_epoch` receives each epoch's metrics
-    (Ray Tune trials report from it). Returns the full history, restored epochs included.
+    `val` (a validation `EvalLoader`, never the test split: whatever reads the history makes choices from it)
+    is measured after every epoch as `val_acc` / `val_loss`. `teacher` + `kd_loss` turn the step into
+    distillation; `on_epoch` receives each epoch's metrics (Ray Tune trials report from it). Returns the full
+    history, restored epochs included.
+
+    `resume_key` is the caller's hash of every input that shapes the model besides `cfg` (data and
+    augmentation, distillation settings, the teachers' files, the start model, bit configuration, pins,
+    activation bits, seed): the checkpoint at `ckpt_path` is resumed only when it was written under the same
+    key, so a crash followed by an edited spec starts over instead of finishing a model of other inputs.
     """
     if (teacher is None) != (kd_loss is None):
         raise ValueError("teacher and kd_loss go together: pass both for KD, neither for plain training")
@@ -141,7 +149,8 @@ def fit(
     optimizer = make_optimizer(model, cfg)
     steps_per_epoch = len(train)
     total_steps = cfg.epochs * steps_per_epoch
-    run_key = stable_hash({"cfg": cfg.model_dump(mode="json"), "steps": steps_per_epoch, "kd": teacher is not None})
+    run_key = stable_hash({"cfg": cfg.model_dump(mode="json"), "steps": steps_per_epoch, "kd": teacher is not None,
+                           "inputs": resume_key})
     result, start = FitResult(), 0
 
     if ckpt_path is not None and Path(ckpt_path).is_file():
@@ -153,7 +162,8 @@ def fit(
             start = int(state["epoch"])
             log.info("%s: resumed from %s at epoch %d/%d", desc, ckpt_path, start, cfg.epochs)
         else:
-            log.warning("%s: checkpoint %s was made with other settings; starting over", desc, ckpt_path)
+            log.warning("%s: checkpoint %s was made from other inputs (training settings, data, distillation, "
+                        "teachers, bits or seed changed since); starting over", desc, ckpt_path)
 
     show_bar = sys.stderr.isatty() if progress is None else progress
     fmt = _memory_format(device, cfg)
@@ -199,9 +209,9 @@ def fit(
             "lr": lr_at((epoch + 1) * steps_per_epoch - 1, total_steps, cfg),
             "epoch_s": time.perf_counter() - t0,
         }
-        if test is not None:
-            ev = evaluate(model, test, normalizer, device, cfg)
-            metrics.update(test_acc=ev["acc"], test_loss=ev["loss"])
+        if val is not None:
+            ev = evaluate(model, val, normalizer, device, cfg)
+            metrics.update(val_acc=ev["acc"], val_loss=ev["loss"])
         result.history.append(metrics)
         result.epochs_run += 1
         log.info("%s epoch %d/%d: %s", desc, epoch + 1, cfg.epochs, _fmt(metrics))
@@ -217,7 +227,7 @@ def fit(
 
 
 def _fmt(m: dict[str, float]) -> str:
-    keys = ("train_loss", "train_acc", "test_acc", "epoch_s")
+    keys = ("train_loss", "train_acc", "val_acc", "epoch_s")
     return " ".join(f"{k}={m[k]:.4g}" for k in keys if k in m)
 
 

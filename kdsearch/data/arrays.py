@@ -53,9 +53,13 @@ class DataBundle:
 
     `mean` / `std` are in [0, 1] pixel units: the published constants for CIFAR, computed from the train
     images otherwise (see `channel_stats`).
+
+    Three splits, three jobs: `train` trains (teachers, students, trials), `val` (held out of the train
+    split, or the data's own val/ folder) makes every choice, and `test` only reports the chosen models.
     """
 
     train: ImageArrays
+    val: ImageArrays
     test: ImageArrays
     num_classes: int
     class_names: tuple[str, ...]
@@ -75,7 +79,9 @@ class DataBundle:
             )
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(f"mean and std must be 3 values with std > 0 (got {self.mean}, {self.std})")
-        for name, split in (("train", self.train), ("test", self.test)):
+        if self.val.images.shape[1:] != self.train.images.shape[1:]:
+            raise ValueError(f"validation images {tuple(self.val.images.shape[1:])} differ in shape from train")
+        for name, split in (("train", self.train), ("val", self.val), ("test", self.test)):
             if len(split) and (int(split.labels.min()) < 0 or int(split.labels.max()) >= self.num_classes):
                 raise ValueError(f"{name} labels must lie in [0, {self.num_classes})")
 

@@ -37,8 +37,8 @@ _CIFAR = {  # dataset -> (torchvision class name, folder torchvision extracts to
     "cifar100": ("CIFAR100", "cifar-100-python", ("train", "test", "meta"), CIFAR100_MEAN, CIFAR100_STD),
 }
 _FOLDER_LAYOUT = "a folder (or .tar.gz) with train/<class>/<image> and test/<class>/<image>"
-_SUBSET_STREAMS = {"train": 11, "test": 12}
-_CACHE_FORMAT = 1
+_SUBSET_STREAMS = {"train": 11, "test": 12, "val": 13}
+_CACHE_FORMAT = 2  # 2: image folders may carry a val/ split
 
 
 def data_root(cfg: DataConfig) -> Path:
@@ -75,6 +75,43 @@ def class_balanced_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tens
     rank[by_class] = np.arange(total) - (np.cumsum(counts) - counts)[lab[by_class]]
     take = np.argsort(rank * len(classes) + tie[lab], kind="stable")[:n]
     return torch.from_numpy(np.sort(perm[take]))
+
+
+def stratified_split(labels: torch.Tensor, n_val: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, val indices), both sorted: `n_val` samples held out, stratified by class, chosen by `seed`.
+
+    Each class gives round(n_val * its share) samples (largest remainders settle the rounding, so the total is
+    exactly `n_val`), drawn by a seeded shuffle within the class; every class keeps at least one training image.
+    """
+    total = labels.numel()
+    if not 1 <= n_val < total:
+        raise DataError(f"the validation split needs 1 <= val_size < {total} training images (got {n_val}); "
+                        f"set data.val_size to a smaller count or fraction")
+    lab = labels.cpu().numpy()
+    classes, counts = np.unique(lab, return_counts=True)
+    exact = n_val * counts / total
+    take = np.minimum(np.floor(exact).astype(np.int64), counts - 1)
+    order = np.lexsort((classes, -(exact - take)))  # largest remainder first, ties by class id
+    for k in order:
+        if take.sum() >= n_val:
+            break
+        if take[k] < counts[k] - 1:
+            take[k] += 1
+    g = generator(seed, n_val, total, _SUBSET_STREAMS["val"])
+    perm = torch.randperm(total, generator=g).numpy()
+    val: list[np.ndarray] = []
+    for c, k in zip(classes, take):
+        members = perm[lab[perm] == c]  # this class in seeded order
+        val.append(members[:k])
+    val_idx = np.sort(np.concatenate(val)) if val else np.zeros(0, dtype=np.int64)
+    mask = np.ones(total, dtype=bool)
+    mask[val_idx] = False
+    return torch.from_numpy(np.flatnonzero(mask)), torch.from_numpy(val_idx.astype(np.int64))
+
+
+def val_count(val_size: int | float, n: int) -> int:
+    """`data.val_size` as a number of images: a count as given, a fraction of the n training images rounded."""
+    return int(val_size) if isinstance(val_size, int) else max(1, int(round(float(val_size) * n)))
 
 
 def _maybe_subset(arrays: ImageArrays, n: int | None, seed: int, split: str) -> tuple[ImageArrays, bool]:
@@ -131,8 +168,8 @@ def _load_cifar(cfg: DataConfig, seed: int) -> DataBundle:
 
 # -- image folders and archives -------------------------------------------------------------------------
 def _split_class(parts: tuple[str, ...]) -> tuple[str, str] | None:
-    """('prefix', ..., 'train'|'test', class, file) -> (split, class), else None."""
-    if len(parts) >= 3 and parts[-3] in ("train", "test") and parts[-1].lower().endswith(IMG_EXTENSIONS):
+    """('prefix', ..., 'train'|'val'|'test', class, file) -> (split, class), else None."""
+    if len(parts) >= 3 and parts[-3] in ("train", "val", "test") and parts[-1].lower().endswith(IMG_EXTENSIONS):
         if not parts[-1].startswith("."):
             return parts[-3], parts[-2]
     return None
@@ -150,7 +187,9 @@ def _folder_base(root: Path) -> Path:
 
 def _folder_files(base: Path) -> list[tuple[str, str, Path]]:
     out = []
-    for split in ("train", "test"):
+    for split in ("train", "val", "test"):
+        if not (base / split).is_dir():
+            continue
         for cdir in sorted(p for p in (base / split).iterdir() if p.is_dir()):
             for f in sorted(cdir.iterdir()):
                 sc = _split_class((split, cdir.name, f.name))
@@ -167,7 +206,7 @@ def _identity(root: Path) -> tuple[str, str]:
             [str(root.resolve()), st.st_size, st.st_mtime_ns, _CACHE_FORMAT])
     base = _folder_base(root)
     dirs = [(s, d.name, d.stat().st_mtime_ns, len(os.listdir(d)))
-            for s in ("train", "test") for d in sorted((base / s).iterdir()) if d.is_dir()]
+            for s in ("train", "val", "test") if (base / s).is_dir() for d in sorted((base / s).iterdir()) if d.is_dir()]
     return base.name, stable_hash([str(base.resolve()), dirs, _CACHE_FORMAT])
 
 
@@ -209,11 +248,15 @@ def decode_folder(root: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     test_classes = sorted({c for s, c, _, _ in items if s == "test"})
     if len(classes) < 2 or not test_classes:
         raise DataError(f"imagefolder {root} needs >= 2 classes with images in train/ and test/; give {_FOLDER_LAYOUT}")
-    if set(test_classes) - set(classes):
-        raise DataError(f"imagefolder {root}: test classes {sorted(set(test_classes) - set(classes))} are not in train/")
+    for split in ("val", "test"):
+        extra = {c for s, c, _, _ in items if s == split} - set(classes)
+        if extra:
+            raise DataError(f"imagefolder {root}: {split} classes {sorted(extra)} are not in train/")
     index = {c: k for k, c in enumerate(classes)}
     decoded = {split: [(_decode(blob, name), cls, name) for s, cls, name, blob in items if s == split]
-               for split in ("train", "test")}
+               for split in ("train", "val", "test")}
+    if not decoded["val"]:
+        del decoded["val"]
     del items
     shape = decoded["train"][0][0].shape
     tensors: dict[str, torch.Tensor] = {}
@@ -249,7 +292,8 @@ def _load_imagefolder(cfg: DataConfig, seed: int) -> DataBundle:
         tensors, meta = decode_folder(root)
         with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata=meta)
-    splits = {s: ImageArrays(tensors[f"{s}_images"], tensors[f"{s}_labels"]) for s in ("train", "test")}
+    splits = {s: ImageArrays(tensors[f"{s}_images"], tensors[f"{s}_labels"])
+              for s in ("train", "val", "test") if f"{s}_images" in tensors}
     mean = tuple(json.loads(meta["mean"]))
     std = tuple(json.loads(meta["std"]))
     classes = tuple(json.loads(meta["classes"]))
@@ -291,33 +335,51 @@ def _scan_archive(root: Path) -> None:
 
 
 # -- entry points ---------------------------------------------------------------------------------------
+def _hold_out(train: ImageArrays, cfg: DataConfig, seed: int) -> tuple[ImageArrays, ImageArrays, str]:
+    """Carve the validation split out of the train split (stratified, seeded); the version names both."""
+    n_val = val_count(cfg.val_size, len(train))
+    tr_idx, val_idx = stratified_split(train.labels, n_val, seed)
+    return train.subset(tr_idx), train.subset(val_idx), f"val={n_val}@{seed}"
+
+
 def _bundle(cfg: DataConfig, seed: int, splits: dict[str, ImageArrays], classes: tuple[str, ...],
             mean: tuple[float, ...], std: tuple[float, ...], source: str) -> DataBundle:
     train, sub_tr = _maybe_subset(splits["train"], cfg.train_size, seed, "train")
     test, sub_te = _maybe_subset(splits["test"], cfg.test_size, seed, "test")
-    version = f"{source}:n={len(train)}/{len(test)}:c={len(classes)}"
+    if "val" in splits:  # the data's own validation split (an image folder's val/)
+        val, val_tag = splits["val"], "val=folder"
+    else:
+        train, val, val_tag = _hold_out(train, cfg, seed)
+    version = f"{source}:n={len(train)}/{len(val)}/{len(test)}:c={len(classes)}:{val_tag}"
     if sub_tr or sub_te:
         version += f":subset-seed={seed}"
-    return DataBundle(train, test, len(classes), classes, mean, std, version)  # type: ignore[arg-type]
+    return DataBundle(train, val, test, len(classes), classes, mean, std, version)  # type: ignore[arg-type]
 
 
-def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
-    """The train and test splits of `cfg.dataset` as uint8 arrays, with class names, statistics and provenance.
+def load_data(cfg: DataConfig, seed: int | None = None) -> DataBundle:
+    """The train, validation and test splits of `cfg.dataset` as uint8 arrays, with class names, statistics
+    and provenance.
 
-    `cfg.train_size` / `test_size` are the sizes of the synthetic sets, or pick a class-balanced subset
-    (seeded by `seed`) of a real split. Raises `DataError` (one line, with the fix) when data is missing.
+    `cfg.train_size` / `test_size` are the sizes of the synthetic sets, or pick a class-balanced subset of a
+    real split; `cfg.val_size` images are then held out of the train split for validation, unless the data
+    has its own (an image folder's val/). Everything is seeded by `seed` (default `cfg.split_seed`), which is
+    a property of the data, not of a training run: every seed of a multi-seed run sees the same splits.
+    Raises `DataError` (one line, with the fix) when data is missing.
     """
+    seed = cfg.split_seed if seed is None else seed
     ds = cfg.dataset
     if ds in _CIFAR:
         return _load_cifar(cfg, seed)
     if ds == "imagefolder":
         return _load_imagefolder(cfg, seed)
     if ds == "synthetic":
-        train, test, version = make_synthetic(cfg.num_classes, cfg.train_size or 50_000,
-                                              cfg.test_size or 10_000, seed=seed)
+        pool, test, version = make_synthetic(cfg.num_classes, cfg.train_size or 50_000,
+                                             cfg.test_size or 10_000, seed=seed)
+        train, val, val_tag = _hold_out(pool, cfg, seed)
         mean, std = channel_stats(train.images)
         names = tuple(f"class_{k:0{len(str(cfg.num_classes - 1))}d}" for k in range(cfg.num_classes))
-        return DataBundle(train, test, cfg.num_classes, names, mean, std, version)  # type: ignore[arg-type]
+        return DataBundle(train, val, test, cfg.num_classes, names, mean, std,  # type: ignore[arg-type]
+                          f"{version}:{val_tag}")
     raise DataError(f"unknown dataset {ds!r}; choose cifar10, cifar100, imagefolder or synthetic")
 
 

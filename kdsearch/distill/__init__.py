@@ -11,6 +11,7 @@ from .pool import TeacherActor, TeacherPool
 from .sources import (
     SOURCE_KINDS,
     InProcessTeachers,
+    cache_epochs_needed,
     cache_seed,
     ensure_logit_cache,
     load_teachers,
@@ -31,6 +32,7 @@ __all__ = [
     "TeacherActor",
     "TeacherPool",
     "build_logit_cache",
+    "cache_epochs_needed",
     "cache_seed",
     "combine",
     "ensure_logit_cache",

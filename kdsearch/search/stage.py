@@ -1,6 +1,6 @@
 """Stage `search`: the bit-width search of a spec, from the float KD student and the sensitivity priors.
 
-Inputs (from earlier stages): runs/<name>/students/kd.pt, the trained teachers (for the logit cache or the
+Inputs (from earlier stages): runs/<name>/students/s<seeds[0]>/kd.pt, the trained teachers (for the logit cache or the
 actor pool), runs/<name>/sensitivity/priors.json (optional: without it the search has no exclusions and
 only the uniform warm starts). Outputs: runs/<name>/search/ (see `results`), plus pareto.png.
 
@@ -21,6 +21,7 @@ from typing import Any
 
 from ..context import RunContext
 from ..io import atomic_write_json, file_digest, stable_hash
+from ..pareto import ACC
 from ..spec import Spec
 from .results import read_results, read_summary, search_dir
 
@@ -31,7 +32,7 @@ KEY_FILE = "search_key.json"
 
 def search_key(spec: Spec, student: Path, priors: dict[str, Any] | None) -> str:
     """What a search depends on; a restored experiment must have been started from the same."""
-    d = spec.to_dict()  # the sensitivity settings act through `priors` (None when the search ignores them)
+    d = spec.key_dict()  # the sensitivity settings act through `priors` (None when the search ignores them)
     return stable_hash({k: d[k] for k in ("seed", "data", "distill", "quant", "search")}
                        | {"student": file_digest(student), "priors": priors})
 
@@ -71,15 +72,15 @@ def search_stage(spec: Spec, ctx: RunContext, *, out_dir: Path | None = None, us
     """
     from ..checkpoints import CheckpointError, load_model, read_model_file
     from ..data import load_data
-    from ..distill import logit_cache_dir, teacher_source
+    from ..distill import ensure_logit_cache, logit_cache_dir, make_pool
     from ..raycluster import cluster_gpus, ensure_ray
-    from ..stages.baselines import default_source, kd_student_path
+    from ..rundir import RunDir
     from .runner import run_search
     from .space import build_space, prior_candidates, uniform_configs
     from .trial import QatPayload, qat_trial
 
     run_dir = ctx.run_dir.resolve()
-    student = kd_student_path(spec, run_dir)
+    student = RunDir(run_dir).student("kd", spec.seed)
     if not student.is_file():
         raise CheckpointError(f"no KD student at {student}; run the baselines stage (`kdsearch run {spec.name}`) first")
     model, _ = load_model(student)
@@ -91,29 +92,34 @@ def search_stage(spec: Spec, ctx: RunContext, *, out_dir: Path | None = None, us
 
     out = Path(out_dir).resolve() if out_dir is not None else search_dir(run_dir)
     seed = spec.seed if sampler_seed is None else int(sampler_seed)
-    _claim_dir(out, search_key(spec, student, priors) + (f"-s{seed}" if seed != spec.seed else ""))
+    key = search_key(spec, student, priors) + (f"-s{seed}" if seed != spec.seed else "")
+    _claim_dir(out, key)
     ensure_ray(ctx.address)
     use_gpu = spec.device != "cpu" and cluster_gpus() > 0 and spec.search.gpus_per_trial > 0
-    bundle = load_data(spec.data, seed=spec.seed)
-    source = default_source(spec)  # "cache" or "pool"
-    teachers = teacher_source(spec, ctx, source, bundle=bundle)  # built once, shared by every trial
+    teachers: Any = None
     reserved = 0.0
     try:
-        if source == "cache":
+        if spec.distill.source == "cache":
+            cache_dir = logit_cache_dir(run_dir, spec.seed)
+            if not (cache_dir / "meta.json").is_file():  # made by the baselines stage; rebuilt only if lost
+                import torch
+
+                ensure_logit_cache(spec, run_dir, load_data(spec.data), spec.seed, device=torch.device("cpu"))
             payload = QatPayload(spec.to_dict(), str(out / "trials"), str(student), space, "cache",
-                                 cache_dir=str(logit_cache_dir(run_dir)), cpus=spec.search.cpus_per_trial)
-        else:
+                                 cache_dir=str(cache_dir), cpus=spec.search.cpus_per_trial, key=key)
+        else:  # one actor pool, started here and shared by every trial
+            teachers = make_pool(spec, run_dir, load_data(spec.data), use_gpu=use_gpu)
             reserved = 0.0 if use_gpu else spec.teachers.cpus * len(spec.teachers.models)
-            payload = QatPayload(spec.to_dict(), str(out / "trials"), str(student), space, "pool",
+            payload = QatPayload(spec.to_dict(), str(out / "trials"), str(student), space, "live",
                                  pool_tag=teachers.tag, teachers=tuple(teachers.teachers),
-                                 cpus=spec.search.cpus_per_trial)
+                                 cpus=spec.search.cpus_per_trial, key=key)
         summary = run_search(space, spec.search, out_dir=out, trainable=qat_trial, payload=payload, seed=seed,
                              warm_starts=warm, use_gpu=use_gpu, reserved_cpus=reserved,
                              verbose=1 if ctx.progress else 0)
     finally:
-        if hasattr(teachers, "shutdown"):
+        if teachers is not None:
             teachers.shutdown()
-    kd_acc = read_model_file(student).get("metrics", {}).get("test_acc")
+    kd_acc = read_model_file(student).get("metrics", {}).get("val_acc")
     plot = write_pareto_plot(spec, out, model, kd_acc)
     summary = read_summary(out) | {"seconds": summary.get("seconds"), "tune_errors": summary.get("tune_errors")}
     log.info("search: %d trials launched (%s), hypervolume %.4g, front of %d; tables in %s",
@@ -137,8 +143,8 @@ def write_pareto_plot(spec: Spec, out: Path, model: Any, kd_acc: float | None) -
         size = model_size(model, cfg, act_bits=spec.quant.act_bits).total_mb
         row = {f"bits.{n}": v for n, v in cfg.items()}
         hit = trained[(trained[bit_cols] == _as_series(row, bit_cols)).all(axis=1)] if len(trained) else trained
-        markers.append(Marker(f"uniform {b}-bit", size, float(hit["acc"].iloc[0]) if len(hit) else None))
-    markers.append(Marker("float KD student", model_size(model).total_mb, kd_acc))
+        markers.append(Marker(f"uniform {b}-bit", size, float(hit[ACC].iloc[0]) if len(hit) else None))
+    markers.append(Marker("float KD student (val)", model_size(model).total_mb, kd_acc))
     path = out / "pareto.png"
     return plot_pareto(df, path, budget_mb=spec.search.budgets_mb[0], markers=markers,
                        title=f"{spec.name}: {spec.student.arch}, {spec.search.sampler} search")

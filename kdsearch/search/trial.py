@@ -138,36 +138,29 @@ class QatPayload:
     trials_dir: str
     student_path: str
     space: SearchSpace
-    source: str  # "cache" (logit cache at cache_dir), "pool" (attach to the Ray actors `pool_tag`), "none"
+    source: str  # "cache" (logit cache at cache_dir), "live" (attach to the Ray actors `pool_tag`), "none"
     cache_dir: str | None = None
     pool_tag: str | None = None
     teachers: tuple[str, ...] = ()
     cpus: float = 1.0
+    key: str = ""  # the search's inputs key: a trial checkpoint is resumed only under the same key and bits
 
     def __post_init__(self) -> None:
-        if self.source not in ("cache", "pool", "none"):
-            raise ValueError(f"QatPayload.source must be cache, pool or none (got {self.source!r})")
+        if self.source not in ("cache", "live", "none"):
+            raise ValueError(f"QatPayload.source must be cache, live or none (got {self.source!r})")
         if self.source == "cache" and not self.cache_dir:
             raise ValueError("QatPayload.cache_dir is required for the cache source")
-        if self.source == "pool" and not (self.pool_tag and self.teachers):
-            raise ValueError("QatPayload.pool_tag and teachers are required for the pool source")
-
-
-def _trial_device(spec_device: str) -> Any:
-    """CUDA only when Ray gave this trial a GPU: trials without one must not share a GPU uncounted."""
-    import ray
-    import torch
-
-    if spec_device != "cpu" and torch.cuda.is_available() and ray.get_gpu_ids():
-        return torch.device("cuda")
-    return torch.device("cpu")
+        if self.source == "live" and not (self.pool_tag and self.teachers):
+            raise ValueError("QatPayload.pool_tag and teachers are required for the live source")
 
 
 def _qat_work(bits: dict[str, int], ckpt_path: Path, on_epoch: Callable[[dict[str, float]], None], *,
               payload: QatPayload) -> list[dict[str, float]]:
     from ..distill import LogitCache, TeacherPool
+    from ..io import stable_hash
     from ..qat import qat_finetune
     from ..quant import model_size
+    from ..raycluster import task_device
     from ..spec import parse_spec
 
     spec = parse_spec(payload.spec)
@@ -181,12 +174,13 @@ def _qat_work(bits: dict[str, int], ckpt_path: Path, on_epoch: Callable[[dict[st
     teacher: Any = None
     if payload.source == "cache":
         teacher = LogitCache(payload.cache_dir)
-    elif payload.source == "pool":
-        teacher = TeacherPool.attach(payload.pool_tag, payload.teachers)
-    _, out = qat_finetune(spec, Path(payload.student_path), bits, spec.search.trial, device=_trial_device(spec.device),
-                          teacher=teacher, ckpt_path=ckpt_path, desc=f"trial {ckpt_path.parent.name}",
-                          on_epoch=lambda m: on_epoch({**m, ACC: m["test_acc"]}), on_quantized=check_size)
-    return [{**m, ACC: m["test_acc"]} for m in out["history"]]
+    elif payload.source == "live":
+        teacher = TeacherPool.attach(payload.pool_tag, payload.teachers)  # type: ignore[arg-type]
+    _, out = qat_finetune(spec, Path(payload.student_path), bits, spec.search.trial, device=task_device(spec.device),
+                          seed=spec.seed, teacher=teacher, ckpt_path=ckpt_path, desc=f"trial {ckpt_path.parent.name}",
+                          on_epoch=on_epoch, on_quantized=check_size, fresh_views=False,
+                          resume_key=stable_hash({"search": payload.key, "bits": bits}))
+    return list(out["history"])
 
 
 def qat_trial(config: dict[str, Any], payload: QatPayload) -> None:

@@ -2,21 +2,13 @@
 
     table, timings = sensitivity_table(model, images, labels, {layer: [8, 4, 2], ...})   # measure
     fixed, costs = layer_byte_costs(model, {layer: [8, 4, 2], ...})                       # exact bytes
-    sensitivity_stage(spec, ctx)   # runs/<name>/sensitivity/{sensitivity.parquet, priors.json, sensitivity.png}
+    compute_table(spec, model, device); build_priors(...)   # what the sensitivity stage writes
 """
 
 from .costs import check_costs, layer_byte_costs, layer_names, resolve_pins
 from .measure import fake_quant_weight, hutchinson_mean_traces, omega_kl, sensitivity_table
 from .priors import METRIC_COLUMNS, budget_grid, excluded_choices, layer_choices, metric_column, warm_starts
-from .stage import (
-    build_priors,
-    calibration_indices,
-    float_student_path,
-    load_priors,
-    plot_sensitivity,
-    sensitivity_dir,
-    sensitivity_stage,
-)
+from .analysis import build_priors, calibration_indices, compute_table, load_priors, plot_sensitivity, table_key
 
 __all__ = [
     "METRIC_COLUMNS",
@@ -24,9 +16,9 @@ __all__ = [
     "build_priors",
     "calibration_indices",
     "check_costs",
+    "compute_table",
     "excluded_choices",
     "fake_quant_weight",
-    "float_student_path",
     "hutchinson_mean_traces",
     "layer_byte_costs",
     "layer_choices",
@@ -36,8 +28,7 @@ __all__ = [
     "omega_kl",
     "plot_sensitivity",
     "resolve_pins",
-    "sensitivity_dir",
-    "sensitivity_stage",
     "sensitivity_table",
+    "table_key",
     "warm_starts",
 ]

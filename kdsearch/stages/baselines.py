@@ -1,11 +1,12 @@
-"""Stage `baselines`: the float student trained from scratch and with ensemble KD, for the spec's epochs.
+"""Stage `baselines`: the FP32 student from scratch and distilled from the ensemble, once per seed.
 
-The KD student (`runs/<name>/students/kd.pt`) is where every QAT trial starts. Both students use the
-same initialisation seed and the same augmentation stream (the logit cache's seed is the student's
-loader seed, `kdsearch.distill.cache_seed`), so scratch vs KD differ only in the teacher signal.
+Per seed s, three Ray tasks with the student's resources: the scratch student, the teacher-logit cache of
+seed s's augmentation stream (with `distill.source: cache`; it covers every epoch the KD student and the
+finalize QAT+KD runs train, so each sees a fresh view per epoch, the same views as the scratch run), and the
+KD student, which waits for its cache. Seeds are independent, so a cluster trains them all at once.
 
-Like the teachers, a KD student resumes from its per-epoch checkpoint and is skipped when its file was
-made from the same inputs (data, training settings, seed, distillation settings, teacher files, source).
+Outputs: students/s<seed>/scratch.pt and kd.pt (+ .json with val/test accuracy, the teacher source, the node),
+cache/logits/s<seed>/. The search starts from the KD student of seeds[0].
 """
 
 from __future__ import annotations
@@ -14,80 +15,101 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..checkpoints import provenance, read_model_file, save_model
 from ..context import RunContext
-from ..data import EvalLoader, Normalizer, TrainLoader, load_data
-from ..distill import KDLoss, LogitCache, cache_seed, teacher_source, teachers_key
-from ..distill.sources import SourceKind
-from ..io import atomic_write_json
-from ..models import create_model
-from ..runtime import seed_everything
+from ..rundir import RunDir
 from ..spec import Spec
-from ..train import fit
-from .train_models import inputs_key, is_current, model_seed, train_scratch_student
+from .tasks import Resources, Unit, gather, submit
 
 log = logging.getLogger("kdsearch.stages.baselines")
 
 
-def kd_student_path(spec: Spec, run_dir: Path, strategy: str | None = None) -> Path:
-    """students/kd.pt for the spec's strategy, students/kd_<strategy>.pt for any other."""
-    strategy = strategy or spec.distill.strategy
-    name = "kd" if strategy == spec.distill.strategy else f"kd_{strategy}"
-    return run_dir / "students" / f"{name}.pt"
+def kd_kind(spec: Spec, strategy: str | None = None) -> str:
+    """'kd' for the spec's strategy, 'kd_<strategy>' for any other (ablations)."""
+    return "kd" if strategy in (None, spec.distill.strategy) else f"kd_{strategy}"
 
 
-def default_source(spec: Spec) -> SourceKind:
-    """distill.source: 'cache' replays the logit cache, 'live' asks the Ray teacher pool."""
-    return "cache" if spec.distill.source == "cache" else "pool"
+def _setup(spec_dict: dict[str, Any]) -> tuple[Spec, Any]:
+    from ..context import setup_logging
+    from ..raycluster import task_device
+    from ..runtime import set_cpu_threads
+    from ..spec import parse_spec
+
+    setup_logging()
+    spec = parse_spec(spec_dict)
+    set_cpu_threads(spec.student.cpus)
+    return spec, task_device(spec.device)
 
 
-def train_kd_student(spec: Spec, ctx: RunContext, strategy: str | None = None,
-                     source: SourceKind | None = None) -> dict[str, Any]:
-    """Distil the spec's teachers into the student with `strategy` (default: the spec's); write its model file.
+def _scratch_task(spec_dict: dict[str, Any], run_dir: str, seed: int) -> dict[str, Any]:
+    from ..fp32 import train_float_model
 
-    Needs the trained teachers (stage `teachers`). With the cache source, epochs beyond `cache_epochs`
-    replay the cached epochs (e % E): the student then sees E distinct views of each image.
-    """
-    strategy = strategy or spec.distill.strategy
-    source = source or default_source(spec)
-    arch, cfg = spec.student.arch, spec.student.train
-    out = kd_student_path(spec, ctx.run_dir, strategy)
-    loss = KDLoss.from_config(spec.distill, strategy, label_smoothing=cfg.label_smoothing)
-    extra = {"kd": {"strategy": strategy, "temperature": loss.temperature, "alpha": loss.alpha},
-             "teachers": teachers_key(spec, ctx.run_dir), "source": source, "loader_seed": cache_seed(spec),
-             "cache_epochs": spec.distill.cache_epochs if source == "cache" else None}
-    key = inputs_key(spec, arch, cfg, extra=extra)
-    if is_current(out, key):
-        log.info("KD student (%s): %s is done (same inputs); skipping", strategy, out)
-        return dict(read_model_file(out)["metrics"])
+    spec, device = _setup(spec_dict)
+    return train_float_model(spec, spec.student.arch, spec.student.train, RunDir(run_dir).student("scratch", seed),
+                             seed=seed, device=device)
 
-    bundle = load_data(spec.data, seed=spec.seed)
-    teachers = teacher_source(spec, ctx, source, bundle=bundle)
-    if isinstance(teachers, LogitCache):
-        train: Any = teachers.train_loader(bundle, spec.data, batch_size=cfg.batch_size, device=ctx.device)
-    else:
-        train = TrainLoader(bundle, spec.data, batch_size=cfg.batch_size, seed=cache_seed(spec), device=ctx.device)
-    seed_everything(model_seed(spec, arch))  # the scratch student's initialisation
-    model = create_model(arch, num_classes=bundle.num_classes)
-    test = EvalLoader(bundle.test, batch_size=spec.data.eval_batch_size, device=ctx.device)
-    try:
-        result = fit(model, train, test, cfg, normalizer=Normalizer.from_bundle(bundle), device=ctx.device,
-                     ckpt_path=out.with_suffix(".ckpt"), teacher=teachers, kd_loss=loss, progress=ctx.progress,
-                     desc=f"{arch} KD-{strategy}")
-    finally:
-        if hasattr(teachers, "shutdown"):
-            teachers.shutdown()
-    metrics = {"arch": arch, "test_acc": result.final["test_acc"], "epochs": cfg.epochs, "strategy": strategy,
-               "source": source, "temperature": loss.temperature, "alpha": loss.alpha,
-               "params": sum(p.numel() for p in model.parameters()), "history": result.history}
-    save_model(out, model, arch=arch, num_classes=bundle.num_classes, metrics=metrics,
-               meta=provenance(spec.to_dict(), inputs_key=key, data_version=bundle.version))
-    atomic_write_json(out.with_suffix(".json"), metrics)
-    out.with_suffix(".ckpt").unlink(missing_ok=True)
-    log.info("student %s (KD-%s): test accuracy %.2f%%", arch, strategy, metrics["test_acc"])
-    return metrics
+
+def _cache_task(spec_dict: dict[str, Any], run_dir: str, seed: int) -> dict[str, Any]:
+    """Compute (or grow) seed `seed`'s logit cache with the teachers on this task's device."""
+    from ..data import load_data
+    from ..distill import ensure_logit_cache
+    from ..raycluster import where
+
+    spec, device = _setup(spec_dict)
+    cache = ensure_logit_cache(spec, Path(run_dir), load_data(spec.data), seed, device=device)
+    return {"seed": seed, "epochs": cache.epochs, "dir": str(cache.root), "node": where()}
+
+
+def _kd_task(spec_dict: dict[str, Any], run_dir: str, seed: int, strategy: str, source: str,
+             pool_tag: str | None, *_deps: Any) -> dict[str, Any]:
+    from ..fp32 import train_kd_student
+
+    spec, device = _setup(spec_dict)
+    out = RunDir(run_dir).student(kd_kind(spec, strategy), seed)
+    return train_kd_student(spec, Path(run_dir), out, seed=seed, strategy=strategy, source=source, device=device,
+                            pool_tag=pool_tag)
+
+
+def student_units(spec: Spec, run_dir: Path, *, strategies: tuple[str, ...] | None = None,
+                  scratch: bool = True) -> tuple[dict[str, Any], Any]:
+    """Submit every seed's scratch student, cache and KD students: ({label: ref}, the live teacher pool or
+    None; shut it down once the refs are gathered). Needs a connected Ray."""
+    res = Resources.for_spec(spec.device, spec.student.cpus, spec.student.gpus)
+    strategies = strategies or (spec.distill.strategy,)
+    d, rd = spec.to_dict(), str(Path(run_dir).resolve())
+    pool = pool_tag = None
+    if spec.distill.source == "live":
+        from ..data import load_data
+        from ..distill import make_pool
+
+        use_gpu = Resources.for_spec(spec.device, spec.teachers.cpus, spec.teachers.gpus).gpus > 0
+        pool = make_pool(spec, Path(rd), load_data(spec.data), use_gpu=use_gpu)
+        pool_tag = pool.tag
+    refs: dict[str, Any] = {}
+    for s in spec.seeds:
+        if scratch:
+            refs[f"scratch s{s}"] = submit(Unit(f"scratch student s{s}", _scratch_task, (d, rd, s), resources=res))
+        deps = []
+        if spec.distill.source == "cache":
+            deps = [submit(Unit(f"logit cache s{s}", _cache_task, (d, rd, s), resources=res))]
+        for strat in strategies:
+            refs[f"{kd_kind(spec, strat)} s{s}"] = submit(
+                Unit(f"KD-{strat} student s{s}", _kd_task, (d, rd, s, strat, spec.distill.source, pool_tag),
+                     resources=res), *deps)
+    return refs, pool
 
 
 def train_baselines(spec: Spec, ctx: RunContext) -> dict[str, Any]:
-    """Scratch student + KD student with the spec's strategy: {'scratch': metrics, 'kd': metrics}."""
-    return {"scratch": train_scratch_student(spec, ctx), "kd": train_kd_student(spec, ctx)}
+    """Every seed's scratch and KD students: {'scratch s0': metrics, 'kd s0': metrics, ...}."""
+    from ..raycluster import ensure_ray
+
+    ensure_ray(ctx.address)
+    refs, pool = student_units(spec, ctx.run_dir)
+    try:
+        out = gather("baselines", refs)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    for label, m in sorted(out.items()):
+        log.info("student %s (%s): val %.2f%%, test %.2f%% (node %s)", spec.student.arch, label, m["val_acc"],
+                 m["test_acc"], (m.get("node") or {}).get("ip"))
+    return out

@@ -27,12 +27,14 @@ import torch
 from ..checkpoints import load_model, read_model_file
 from ..context import RunContext
 from ..data import DataBundle, EvalLoader, Normalizer, TrainLoader, load_data
-from ..io import atomic_to_parquet, atomic_write_json, atomic_write_text, stable_hash
+from ..fp32 import train_float_model
+from ..io import atomic_to_parquet, atomic_write_json, atomic_write_text, file_digest, stable_hash
 from ..quant import BitConfig, model_size, quantize
+from ..recipes import model_seed
+from ..rundir import RunDir
 from ..runtime import seed_everything
 from ..spec import Spec
 from ..train import evaluate, fit
-from .train_models import model_seed, scratch_student_path, train_float_model
 
 log = logging.getLogger("kdsearch.stages.students")
 
@@ -41,75 +43,86 @@ CALIB_IMAGES = 256  # activation-step calibration batch for quantize()
 
 
 def selection_dir(run_dir: Path) -> Path:
-    return run_dir / "students" / "selection"
+    return RunDir(run_dir).students_dir / "selection"
 
 
 def candidate_path(spec: Spec, run_dir: Path, arch: str) -> Path:
-    """The spec's own student shares the baselines' scratch file; other candidates get their own."""
+    """The spec's own student shares the baselines' scratch file of seeds[0]; other candidates get their own."""
     if arch == spec.student.arch:
-        return scratch_student_path(run_dir)
+        return RunDir(run_dir).student("scratch", spec.seed)
     return selection_dir(run_dir) / f"{arch}.pt"
 
 
 def _calib_images(bundle: DataBundle, spec: Spec, device: torch.device) -> torch.Tensor:
-    from ..sensitivity.stage import calibration_indices
+    from ..sensitivity import calibration_indices
 
     idx = calibration_indices(len(bundle.train), CALIB_IMAGES, spec.seed)
     return Normalizer.from_bundle(bundle)(bundle.train.images[idx].to(device))
 
 
 def quantized_accuracy(
-    spec: Spec, bundle: DataBundle, model_file: Path, bits: int, ctx: RunContext, *, ckpt: Path | None = None
+    spec: Spec, bundle: DataBundle, model_file: Path, bits: int, device: torch.device, *, ckpt: Path | None = None
 ) -> dict[str, float]:
-    """Accuracy of the float model at uniform ``bits`` (pins applied): right after quantization, and after
-    the search's short QAT (``search.trial``) on the training split."""
+    """Validation accuracy of the float model at uniform ``bits`` (pins applied): right after quantization, and
+    after the search's short QAT (``search.trial``) on the training split."""
     model, obj = load_model(model_file)
     arch = obj["arch"]
-    model.to(ctx.device)
+    model.to(device)
     cfg = BitConfig.uniform(model, bits, pin=spec.quant.pin)
-    seed_everything(model_seed(spec, arch) + bits)
-    quantize(model, cfg, act_bits=spec.quant.act_bits, calib=_calib_images(bundle, spec, ctx.device))
-    norm = Normalizer.from_bundle(bundle).to(ctx.device)
-    test = EvalLoader(bundle.test, batch_size=spec.data.eval_batch_size, device=ctx.device)
-    ptq = evaluate(model, test, norm, ctx.device, spec.search.trial)["acc"]
+    seed_everything(model_seed(arch, spec.seed) + bits)
+    quantize(model, cfg, act_bits=spec.quant.act_bits, calib=_calib_images(bundle, spec, device))
+    norm = Normalizer.from_bundle(bundle).to(device)
+    val = EvalLoader(bundle.val, batch_size=spec.data.eval_batch_size, device=device)
+    ptq = evaluate(model, val, norm, device, spec.search.trial)["acc"]
     qat_cfg = spec.search.trial
-    train = TrainLoader(bundle, spec.data, batch_size=qat_cfg.batch_size, seed=model_seed(spec, arch),
-                        device=ctx.device)
-    result = fit(model, train, test, qat_cfg, normalizer=norm, device=ctx.device, ckpt_path=ckpt,
-                 progress=ctx.progress, desc=f"{arch} QAT w{bits}")
+    train = TrainLoader(bundle, spec.data, batch_size=qat_cfg.batch_size, seed=model_seed(arch, spec.seed),
+                        device=device)
+    result = fit(model, train, val, qat_cfg, normalizer=norm, device=device, ckpt_path=ckpt,
+                 desc=f"{arch} QAT w{bits}", resume_key=stable_hash({"model": file_digest(model_file), "bits": bits}))
     size = model_size(model)
-    return {"ptq_acc": ptq, "qat_acc": float(result.final["test_acc"]), "size_mb": size.total_mb,
+    return {"ptq_acc": ptq, "qat_acc": float(result.final["val_acc"]), "size_mb": size.total_mb,
             "avg_bits": size.avg_bits}
 
 
-def _candidate(spec: Spec, ctx: RunContext, bundle: DataBundle, arch: str) -> dict[str, Any]:
-    path = candidate_path(spec, ctx.run_dir, arch)
-    float_metrics = train_float_model(spec, arch, spec.student.train, path, device=ctx.device, progress=ctx.progress)
+def _candidate_task(spec_dict: dict[str, Any], run_dir: str, arch: str) -> dict[str, Any]:
+    """Body of one Ray task: train (or reuse) one candidate and measure its quantized accuracy."""
+    from ..context import setup_logging
+    from ..raycluster import task_device
+    from ..runtime import set_cpu_threads
+    from ..spec import parse_spec
+
+    setup_logging()
+    spec = parse_spec(spec_dict)
+    set_cpu_threads(spec.student.cpus)
+    device = task_device(spec.device)
+    path = candidate_path(spec, Path(run_dir), arch)
+    float_metrics = train_float_model(spec, arch, spec.student.train, path, seed=spec.seed, device=device)
     meta = read_model_file(path).get("meta", {})
     key = stable_hash({"model": meta.get("inputs_key"), "qat": spec.search.trial.model_dump(mode="json"),
                        "pin": spec.quant.pin, "act_bits": spec.quant.act_bits, "bits": UNIFORM_BITS})
-    out_json = selection_dir(ctx.run_dir) / f"{arch}.json"
+    out_json = selection_dir(Path(run_dir)) / f"{arch}.json"
     if out_json.is_file():
         cached = json.loads(out_json.read_text())
         if cached.get("inputs_key") == key:
             log.info("students: %s is done (same inputs); reusing", arch)
             return dict(cached["row"])
+    bundle = load_data(spec.data)
     model, _ = load_model(path)
     row: dict[str, Any] = {
         "arch": arch, "params": sum(p.numel() for p in model.parameters()),
-        "fp32_mb": model_size(model).total_mb, "float_acc": float(float_metrics["test_acc"]),
+        "fp32_mb": model_size(model).total_mb, "float_acc": float(float_metrics["val_acc"]),
         "qat_epochs": spec.search.trial.epochs,
     }  # fmt: skip
     for bits in UNIFORM_BITS:
-        ckpt = selection_dir(ctx.run_dir) / f"{arch}_w{bits}.ckpt"
-        q = quantized_accuracy(spec, bundle, path, bits, ctx, ckpt=ckpt)
+        ckpt = selection_dir(Path(run_dir)) / f"{arch}_w{bits}.ckpt"
+        q = quantized_accuracy(spec, bundle, path, bits, device, ckpt=ckpt)
         row.update({f"ptq_acc_w{bits}": q["ptq_acc"], f"qat_acc_w{bits}": q["qat_acc"],
                     f"drop_w{bits}": row["float_acc"] - q["qat_acc"], f"size_mb_w{bits}": q["size_mb"]})
-        log.info("students: %s w%d: float %.2f%%, PTQ %.2f%%, after QAT %.2f%%", arch, bits, row["float_acc"],
-                 q["ptq_acc"], q["qat_acc"])
+        log.info("students: %s w%d: float %.2f%%, PTQ %.2f%%, after QAT %.2f%% (validation)", arch, bits,
+                 row["float_acc"], q["ptq_acc"], q["qat_acc"])
     atomic_write_json(out_json, {"inputs_key": key, "row": row})
     for bits in UNIFORM_BITS:
-        (selection_dir(ctx.run_dir) / f"{arch}_w{bits}.ckpt").unlink(missing_ok=True)
+        (selection_dir(Path(run_dir)) / f"{arch}_w{bits}.ckpt").unlink(missing_ok=True)
     return row
 
 
@@ -139,18 +152,26 @@ def selection_markdown(df: pd.DataFrame) -> str:
         cells = [f"{v:.2f}" if isinstance(v, float) and not c.startswith("size") else
                  f"{v:.4f}" if isinstance(v, float) else str(v) for c, v in zip(cols, r)]
         lines.append("| " + " | ".join(cells) + " |")
-    note = ("\nAccuracies in % on the test split; drop = float - after QAT; QAT = the search's short trial QAT "
-            "(search.trial); sizes in MB (1e6 bytes) from the size model.\n")
+    note = ("\nAccuracies in % on the validation split (the ranking chooses, so it never reads test); drop = float - "
+            "after QAT; QAT = the search's short trial QAT (search.trial); sizes in MB (1e6 bytes) from the size "
+            "model.\n")
     return head + "\n".join(lines) + "\n" + note
 
 
 def students_stage(spec: Spec, ctx: RunContext) -> pd.DataFrame:
-    """Rank the spec's candidate students by float accuracy and quantization loss; write the table."""
+    """Rank the spec's candidate students (one Ray task each) by validation accuracy; write the table."""
+    from ..raycluster import ensure_ray
+    from .tasks import Resources, Unit, gather, submit
+
+    ensure_ray(ctx.address)
     candidates = spec.student.candidates or (spec.student.arch,)
-    bundle = load_data(spec.data, seed=spec.seed)
-    rows = [_candidate(spec, ctx, bundle, arch) for arch in candidates]
-    df = rank_students(rows)
-    out = ctx.run_dir / "students"
-    atomic_to_parquet(df, out / "selection.parquet")
-    atomic_write_text(out / "selection.md", selection_markdown(df))
+    res = Resources.for_spec(spec.device, spec.student.cpus, spec.student.gpus)
+    run_dir = str(Path(ctx.run_dir).resolve())
+    refs = {a: submit(Unit(f"candidate {a}", _candidate_task, (spec.to_dict(), run_dir, a), resources=res))
+            for a in candidates}
+    out = gather("students", refs)
+    df = rank_students([out[a] for a in candidates])
+    rd = RunDir(ctx.run_dir)
+    atomic_to_parquet(df, rd.students_dir / "selection.parquet")
+    atomic_write_text(rd.students_dir / "selection.md", selection_markdown(df))
     return df

@@ -1,6 +1,6 @@
-"""The sensitivity stage: table, priors and plot for the float student, cached in runs/<name>/sensitivity/.
+"""Layer-wise sensitivity of a float student: the table, the priors derived from it, the plot.
 
-Outputs (all written atomically):
+`kdsearch.stages.sensitivity` runs this as a Ray task and writes, in runs/<name>/sensitivity/ (atomically):
   sensitivity.parquet  one row per (layer, bits): omegas, params, exact bytes (see ``measure``, ``costs``)
   sensitivity.json     provenance and timings; its ``inputs_key`` makes a rerun reuse the table
   priors.json          warm-start BitConfigs per budget (exact solver) and excluded (layer, bits) pairs
@@ -20,9 +20,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from ..checkpoints import CheckpointError, load_model
-from ..context import RunContext
-from ..io import atomic_path, atomic_to_parquet, atomic_write_json, file_digest, stable_hash
+from ..checkpoints import CheckpointError
+from ..io import atomic_path, stable_hash
 from ..quant import BitConfig, layer_inventory
 from ..spec import Spec
 from .costs import check_costs, layer_byte_costs, resolve_pins
@@ -32,16 +31,6 @@ from .priors import excluded_choices, layer_choices, metric_column, warm_starts
 log = logging.getLogger("kdsearch.sensitivity")
 
 TABLE_VERSION = 1
-
-
-def sensitivity_dir(run_dir: Path) -> Path:
-    return run_dir / "sensitivity"
-
-
-def float_student_path(run_dir: Path) -> Path:
-    """The KD student when the baselines stage made one, else the scratch student."""
-    kd = run_dir / "students" / "kd.pt"
-    return kd if kd.is_file() else run_dir / "students" / "scratch.pt"
 
 
 def calibration_indices(n_train: int, size: int, seed: int) -> torch.Tensor:
@@ -56,8 +45,8 @@ def table_bits(spec: Spec, names: list[str]) -> dict[str, list[int]]:
     return {n: sorted(set(spec.quant.bits) | ({pins[n]} if n in pins else set()), reverse=True) for n in names}
 
 
-def _table_key(spec: Spec, model_digest: str) -> str:
-    d = spec.to_dict()
+def table_key(spec: Spec, model_digest: str) -> str:
+    d = spec.key_dict()
     return stable_hash({"v": TABLE_VERSION, "model": model_digest, "data": d["data"], "seed": d["seed"],
                         "calib_size": spec.sensitivity.calib_size, "samples": spec.sensitivity.hutchinson_samples,
                         "bits": d["quant"]["bits"], "pin": d["quant"]["pin"], "act_bits": d["quant"]["act_bits"]})
@@ -68,7 +57,7 @@ def compute_table(spec: Spec, model: torch.nn.Module, device: torch.device) -> t
     from ..data import Normalizer, load_data
 
     t0 = time.perf_counter()
-    bundle = load_data(spec.data, seed=spec.seed)
+    bundle = load_data(spec.data)
     idx = calibration_indices(len(bundle.train), spec.sensitivity.calib_size, spec.seed)
     calib = bundle.train.subset(idx)
     images = Normalizer.from_bundle(bundle)(calib.images).to(device)
@@ -139,48 +128,13 @@ def build_priors(spec: Spec, table: pd.DataFrame, fixed_bytes: int, model: torch
             "fixed_bytes": fixed_bytes, "warm_starts": starts}
 
 
-def sensitivity_stage(spec: Spec, ctx: RunContext) -> dict[str, Any]:
-    """Compute (or reuse) the table for the float student, then write the priors and the plot."""
-    out_dir = sensitivity_dir(ctx.run_dir)
-    model_path = float_student_path(ctx.run_dir)
-    if not model_path.is_file():
-        raise CheckpointError(f"no float student at {model_path}; run `kdsearch train {spec.name} --model student` "
-                              "(or the baselines stage) first")
-    model, _ = load_model(model_path)
-    key = _table_key(spec, file_digest(model_path))
-    table_path, meta_path = out_dir / "sensitivity.parquet", out_dir / "sensitivity.json"
-    meta: dict[str, Any] = {}
-    if table_path.is_file() and meta_path.is_file():
-        import json
-
-        meta = json.loads(meta_path.read_text())
-    if meta.get("inputs_key") == key:
-        log.info("sensitivity: table for %s is current; reusing %s", model_path.name, table_path)
-        table, reused = pd.read_parquet(table_path), True
-    else:
-        log.info("sensitivity: measuring %s on %d calibration images (%s)", model_path.name,
-                 spec.sensitivity.calib_size, ctx.device)
-        table, meta = compute_table(spec, model.to(ctx.device), ctx.device)
-        meta.update(inputs_key=key, model=str(model_path), arch=spec.student.arch)
-        atomic_to_parquet(table, table_path)
-        atomic_write_json(meta_path, meta)
-        reused = False
-        log.info("sensitivity: %d rows in %.1f s (%s)", len(table), meta["seconds"]["total"], meta["seconds"])
-    model = model.cpu()
-    priors = build_priors(spec, table, int(meta["fixed_bytes"]), model)
-    atomic_write_json(out_dir / "priors.json", priors)
-    plot_sensitivity(table, out_dir / "sensitivity.png")
-    return {"table": str(table_path), "rows": len(table), "reused": reused, "model": model_path.name,
-            "seconds": meta.get("seconds", {}), "metric": priors["metric"],
-            "warm_starts": sum(r["feasible"] for r in priors["warm_starts"]),
-            "excluded": sum(len(v) for v in priors["excluded"].values())}
-
-
 def load_priors(run_dir: Path) -> dict[str, Any]:
     """The priors a finished sensitivity stage wrote (for the search's sampler and warm starts)."""
     import json
 
-    p = sensitivity_dir(run_dir) / "priors.json"
+    from ..rundir import RunDir
+
+    p = RunDir(run_dir).priors_file
     if not p.is_file():
         raise CheckpointError(f"no sensitivity priors at {p}; run `kdsearch sensitivity` first")
     return json.loads(p.read_text())
