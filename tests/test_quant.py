@@ -309,6 +309,43 @@ def test_qat_step_trains_and_runs_under_bf16_autocast():
     assert any(not torch.equal(a, b) for a, b in zip(steps0, quantizer_parameters(model)))
 
 
+def _on_grid(out: torch.Tensor, step: torch.Tensor, qn: int, qp: int) -> bool:
+    """``out`` is exactly (integer in [-Qn, Qp]) x step, in fp32."""
+    codes = torch.round(out / step)
+    return out.dtype == torch.float32 and torch.equal(codes * step, out) and -qn <= codes.min() <= codes.max() <= qp
+
+
+def test_quantized_layers_compute_in_fp32_under_bf16_autocast():
+    """Autocast (CPU bf16 standing in for the GPU's) must not reach the quantized arithmetic: the weight and
+    activation fake-quant outputs stay exactly on their integer grids, and each layer's and the model's output
+    is bit-identical to the fp32 computation without autocast (what the exported integer model computes)."""
+    model = quantize(_trained_like(TinyNet()), {"conv1": 8, "dw": 3, "pw": 4, "fc": 4}, act_bits=4, calib=_batch())
+    model.eval()
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # module -> (input, output) of the last call
+
+    def keep(key: str):
+        return lambda mod, inp, out: seen.__setitem__(key, (inp[0].detach(), out.detach()))
+
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))}
+    for name, layer in layers.items():
+        layer.register_forward_hook(keep(name))
+        layer.weight_quantizer.register_forward_hook(keep(f"{name}.w"))
+        layer.act_quantizer.register_forward_hook(keep(f"{name}.a"))
+    x = _batch(seed=5)
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        for name, layer in layers.items():
+            wq, aq = layer.weight_quantizer, layer.act_quantizer
+            w_step = wq.effective_step().view(-1, *[1] * (layer.weight.dim() - 1))
+            assert _on_grid(seen[f"{name}.w"][1], w_step, wq.qn, wq.qp), name
+            assert _on_grid(seen[f"{name}.a"][1], aq.step.float(), *aq.qrange), name
+            inp, y = seen[name]
+            assert y.dtype == torch.float32 and torch.equal(y, layer(inp)), name  # layer(inp): no autocast
+    assert out.dtype == torch.float32 and torch.equal(out, ref)
+
+
 def test_folding_bn_eval_matches_native_bn_and_train_mode_is_native():
     bn = _trained_like(nn.Sequential(nn.BatchNorm2d(6)))[0]
     fold = FoldingBatchNorm2d.from_float(copy.deepcopy(bn))

@@ -21,6 +21,7 @@ from .layers import FoldingBatchNorm1d, FoldingBatchNorm2d, QuantConv2d, QuantLi
 from .lsq_ops import lsq_fake_quant, lsq_function, lsq_grad_scale
 from .quantizers import HalfQuantizer, LsqActQuantizer, LsqWeightQuantizer, init_act_step, init_weight_step
 from .onnx_export import export_onnx
+from .precision import strict_fp32, strict_fp32_active
 from .size import SizeReport, StoredTensor, model_size, storage_plan
 
 __all__ = [
@@ -58,5 +59,7 @@ __all__ = [
     "read_metadata",
     "resolve_act_bits",
     "storage_plan",
+    "strict_fp32",
+    "strict_fp32_active",
     "unpack_bits",
 ]

@@ -18,7 +18,8 @@ offset); unsigned ``Qn = 0, Qp = 2^b - 1``, chosen for activations whose calibra
 
 The autograd implementations (``impl``) live in ``lsq_ops.py``.
 
-All quantizer math runs in fp32, also under ``torch.autocast``: the wrappers in ``layers.py`` hand fp32 tensors in.
+All quantizer math runs in fp32, also under ``torch.autocast``: the wrappers in ``layers.py`` run it inside
+``precision.strict_fp32`` and hand fp32 tensors in.
 """
 
 from __future__ import annotations
