@@ -45,7 +45,7 @@ def make_act_quantizer(act_bits: int | None, impl: str, init: str) -> LsqActQuan
 
 
 class _QuantMixin:
-    """Shared by QuantConv2d / QuantLinear: the two quantizers and the fp32 quantization step."""
+    """Shared by QuantConv2d / QuantLinear: the two quantizers and the strict-fp32 forward (each supplies ``_op``)."""
 
     weight: nn.Parameter
     weight_quantizer: LsqWeightQuantizer | HalfQuantizer | None
