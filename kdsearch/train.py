@@ -12,6 +12,7 @@ and the checkpoint (written atomically after every epoch) holds model, optimizer
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import sys
@@ -19,13 +20,14 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .io import atomic_torch_save, stable_hash
+from .quant import is_quantized, strict_fp32, strict_fp32_active
 from .spec import TrainConfig
 
 log = logging.getLogger("kdsearch.train")
@@ -82,15 +84,36 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def _autocast(device: torch.device, cfg: TrainConfig) -> contextlib.AbstractContextManager[Any]:
-    if device.type == "cuda" and cfg.bf16:
+    if device.type == "cuda" and cfg.bf16 and not strict_fp32_active():
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+def _fp32_if_quantized(fn: _Fn) -> _Fn:
+    """Run ``fn(model, ...)`` in strict fp32 (no autocast, no TF32, backward included) when ``model`` is quantized.
+
+    Why: QAT must train and measure the function the exported integer model computes, in fp32 (see
+    ``kdsearch.quant.precision``); bf16 autocast and TF32 stay on for float phases only. Teachers that
+    enter their own bf16 autocast (``kdsearch.distill``) keep it.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        model = args[0] if args else kwargs["model"]
+        with strict_fp32() if is_quantized(model) else contextlib.nullcontext():
+            return fn(*args, **kwargs)
+
+    return cast(_Fn, wrapper)
 
 
 def _memory_format(device: torch.device, cfg: TrainConfig) -> torch.memory_format:
     return torch.channels_last if device.type == "cuda" and cfg.channels_last else torch.contiguous_format
 
 
+@_fp32_if_quantized
 @torch.no_grad()
 def evaluate(
     model: nn.Module, batches: Iterable[Any], normalizer: nn.Module, device: torch.device, cfg: TrainConfig | None = None
@@ -113,6 +136,7 @@ def evaluate(
     return {"acc": 100.0 * correct / max(1, n), "loss": loss_sum / max(1, n)}
 
 
+@_fp32_if_quantized
 def fit(
     model: nn.Module,
     train: Any,

@@ -27,9 +27,6 @@ from kdsearch.quant import (
     is_quantized,
     layer_inventory,
     load_quantized,
-    lsq_fake_quant,
-    lsq_function,
-    lsq_grad_scale,
     model_size,
     pack_bits,
     quantize,
@@ -152,48 +149,6 @@ def test_reference_and_fused_forward_agree(bits):
         assert (a != b).float().mean() < 1e-3 and float((a - b).abs().max()) <= float(ref.step.max()) * 1.0001
 
 
-@pytest.mark.parametrize("per_channel", [True, False])
-@pytest.mark.parametrize("bits", [2, 4, 8])
-def test_function_impl_matches_reference_values_and_gradients(bits, per_channel):
-    qn, qp = signed_range(bits)
-    g = torch.Generator().manual_seed(bits)
-    x = (torch.randn(6, 5, 3, 3, generator=g) * 0.3).requires_grad_()
-    s0 = torch.rand(6, 1, 1, 1, generator=g) * 0.05 + 0.02 if per_channel else torch.tensor([0.04])
-    gy = torch.randn(6, 5, 3, 3, generator=g)
-    grads = []
-    for fn in (lsq_fake_quant, lsq_function):
-        s = s0.clone().requires_grad_()
-        x.grad = None
-        y = fn(x, s, qn, qp, 0.1)
-        y.backward(gy)
-        grads.append((y.detach(), x.grad.clone(), s.grad.clone()))
-    (y1, gx1, gs1), (y2, gx2, gs2) = grads
-    assert torch.equal(y1, y2)
-    assert torch.allclose(gx1, gx2, rtol=1e-6, atol=0) and torch.equal(gx1 == 0, gx2 == 0)  # same STE mask
-    assert torch.allclose(gs1, gs2, rtol=1e-4, atol=1e-6)
-
-
-@pytest.mark.slow
-def test_compiled_impl_matches_function_impl():
-    """impl="compiled" (torch.compile'd kernels; ~20 s of compilation on a 2-core CPU, hence slow)."""
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(8, 4, 3, 3, generator=g)
-    x = torch.randn(2, 4, 6, 6, generator=g)
-    for make in (lambda impl: LsqWeightQuantizer(4, 8, impl), lambda impl: LsqActQuantizer(4, impl)):
-        outs = []
-        for impl in ("function", "compiled"):
-            torch.manual_seed(0)
-            q = make(impl)
-            inp = (w if isinstance(q, LsqWeightQuantizer) else x).clone().requires_grad_()
-            if isinstance(q, LsqWeightQuantizer):
-                q.init_from(w)
-            y = q(inp)
-            y.backward(torch.ones_like(y))
-            outs.append((y.detach(), inp.grad, q.step.grad))
-        (y1, gx1, gs1), (y2, gx2, gs2) = outs
-        assert torch.allclose(y1, y2) and torch.allclose(gx1, gx2) and torch.allclose(gs1, gs2, rtol=1e-4, atol=1e-6)
-
-
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_mse_init_beats_lsq_and_max_init_on_gaussian_and_laplacian_weights(bits):
     g = torch.Generator().manual_seed(bits)
@@ -220,21 +175,6 @@ def test_gradients_reach_weights_and_step_sizes(impl):
             assert m.act_quantizer.step.grad.abs().sum() > 0, name
     assert len(quantizer_parameters(model)) == 8  # 4 layers x (weight step, act step)
     assert {m.impl for m in model.modules() if hasattr(m, "impl")} == {impl}
-
-
-def test_step_gradient_is_lsq_formula_with_grad_scale():
-    bits, s = 3, 0.25
-    qn, qp = signed_range(bits)
-    w = torch.tensor([[-2.0, -0.3, 0.1, 0.37, 0.6, 5.0]])
-    q = LsqWeightQuantizer(bits, 1, "reference")
-    with torch.no_grad():
-        q.step.fill_(s)
-    q(w).sum().backward()
-    v = w / s
-    per_elem = torch.where(v < -qn, -float(qn), torch.where(v > qp, float(qp), v.round() - v))
-    expected = per_elem.sum() * lsq_grad_scale(w.numel(), qp)
-    assert math.isclose(float(q.step.grad), float(expected), rel_tol=1e-5)
-    assert lsq_grad_scale(100, 7) == pytest.approx(1 / math.sqrt(700))
 
 
 def test_activation_quantizer_sign_from_first_batch_and_lazy_init_once():
@@ -369,6 +309,43 @@ def test_qat_step_trains_and_runs_under_bf16_autocast():
     assert any(not torch.equal(a, b) for a, b in zip(steps0, quantizer_parameters(model)))
 
 
+def _on_grid(out: torch.Tensor, step: torch.Tensor, qn: int, qp: int) -> bool:
+    """``out`` is exactly (integer in [-Qn, Qp]) x step, in fp32."""
+    codes = torch.round(out / step)
+    return out.dtype == torch.float32 and torch.equal(codes * step, out) and -qn <= codes.min() <= codes.max() <= qp
+
+
+def test_quantized_layers_compute_in_fp32_under_bf16_autocast():
+    """Autocast (CPU bf16 standing in for the GPU's) must not reach the quantized arithmetic: the weight and
+    activation fake-quant outputs stay exactly on their integer grids, and each layer's and the model's output
+    is bit-identical to the fp32 computation without autocast (what the exported integer model computes)."""
+    model = quantize(_trained_like(TinyNet()), {"conv1": 8, "dw": 3, "pw": 4, "fc": 4}, act_bits=4, calib=_batch())
+    model.eval()
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # module -> (input, output) of the last call
+
+    def keep(key: str):
+        return lambda mod, inp, out: seen.__setitem__(key, (inp[0].detach(), out.detach()))
+
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))}
+    for name, layer in layers.items():
+        layer.register_forward_hook(keep(name))
+        layer.weight_quantizer.register_forward_hook(keep(f"{name}.w"))
+        layer.act_quantizer.register_forward_hook(keep(f"{name}.a"))
+    x = _batch(seed=5)
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        for name, layer in layers.items():
+            wq, aq = layer.weight_quantizer, layer.act_quantizer
+            w_step = wq.effective_step().view(-1, *[1] * (layer.weight.dim() - 1))
+            assert _on_grid(seen[f"{name}.w"][1], w_step, wq.qn, wq.qp), name
+            assert _on_grid(seen[f"{name}.a"][1], aq.step.float(), *aq.qrange), name
+            inp, y = seen[name]
+            assert y.dtype == torch.float32 and torch.equal(y, layer(inp)), name  # layer(inp): no autocast
+    assert out.dtype == torch.float32 and torch.equal(out, ref)
+
+
 def test_folding_bn_eval_matches_native_bn_and_train_mode_is_native():
     bn = _trained_like(nn.Sequential(nn.BatchNorm2d(6)))[0]
     fold = FoldingBatchNorm2d.from_float(copy.deepcopy(bn))
@@ -463,6 +440,33 @@ def test_onnx_export_has_qdq_nodes_and_matches(tmp_path):
     (y,) = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"input": x.numpy()})
     with torch.no_grad():
         assert np.abs(y - model.eval()(x).numpy()).max() <= 1e-4
+
+
+@pytest.mark.parametrize("size", [24, 40])
+def test_onnx_export_takes_the_data_image_shape_from_the_file(tmp_path, size):
+    """A model trained on size x size images: the .kdq file records (3, size, size), the reloaded model exports
+    an ONNX graph for exactly that input without being told, and onnxruntime matches torch on it."""
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from kdsearch.quant import export_onnx, input_shape_of
+
+    model = quantize(_trained_like(TinyNet()), {"conv1": 8, "dw": 4, "pw": 4, "fc": 8}, calib=_batch(size=size))
+    export_quantized(model, tmp_path / "m.kdq", input_shape=(3, size, size))
+    assert read_metadata(tmp_path / "m.kdq")["input_shape"] == [3, size, size]
+    loaded = load_quantized(tmp_path / "m.kdq", TinyNet)
+    assert input_shape_of(loaded) == (3, size, size)
+    export_onnx(loaded, tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    assert session.get_inputs()[0].shape[1:] == [3, size, size]
+    x = _batch(n=5, size=size, seed=11)
+    (y,) = session.run(None, {"input": x.numpy()})
+    with torch.no_grad():
+        assert np.abs(y - loaded(x).numpy()).max() <= 1e-4
+    with pytest.raises(ValueError, match="disagree"):  # a caller's 32x32 guess is refused, not exported
+        export_onnx(loaded, tmp_path / "bad.onnx", torch.zeros(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="pass input_shape"):  # nothing recorded, nothing given: no guess
+        export_onnx(model, tmp_path / "bad.onnx")
+    assert not (tmp_path / "bad.onnx").exists()
 
 
 # ---------------------------------------------------------------- registry models (seed arithmetic)

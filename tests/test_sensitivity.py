@@ -181,6 +181,23 @@ def test_excluded_choices_and_warm_starts():
         resolve_pins(["x"], {"nope": 8})
 
 
+def test_every_spec_budget_keeps_its_own_solver_start_when_budgets_share_bytes():
+    """Budget 1.2e-4 MB is also budget 1e-4 MB times 1.2: both give 120 bytes. The spec budget must keep its
+    own (multiple 1.0) record, which is where the report and finalize look up a budget's solver start; only
+    ``around`` multiples that repeat a size already in the grid are dropped."""
+    t = pd.DataFrame([{"layer": "a", "bits": b, "bytes": b * 10, "omega_kl": 1.0 / b} for b in (2, 4, 8)])
+    grid = budget_grid([1e-4, 1.2e-4], [0.8, 1.2, 1 / 1.2])
+    assert [(g["base_budget_mb"], g["multiple"], g["budget_bytes"]) for g in grid] == [
+        (1e-4, 1.0, 100), (1e-4, 0.8, 80), (1e-4, 1 / 1.2, 83),  # 1e-4 x 1.2 = 120 B: the second spec budget
+        (1.2e-4, 1.0, 120), (1.2e-4, 0.8, 96), (1.2e-4, 1.2, 144),  # 1.2e-4 / 1.2 = 100 B is the first
+    ]
+    assert budget_grid([1e-4, 1e-4], [0.8]) == budget_grid([1e-4], [0.8])  # a repeated budget: one set of rows
+    starts = warm_starts(t, 0, [1e-4, 1.2e-4, 1.0000001e-4], [1.2])  # the third rounds to 100 B as well
+    for budget in (1e-4, 1.2e-4, 1.0000001e-4):
+        (own,) = [s for s in starts if s["base_budget_mb"] == budget and s["multiple"] == 1.0]
+        assert own["feasible"] and own["bit_config"] == {"a": 8} and own["budget_bytes"] <= 120
+
+
 def _spec(budget_mb: float = 0.02, **sens) -> object:
     return parse_spec({
         "name": "sens", "device": "cpu",

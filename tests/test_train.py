@@ -90,3 +90,74 @@ def test_kd_arguments_go_together(bundle):
     with pytest.raises(ValueError, match="go together"):
         fit(create_model("tiny_cnn", 4), TrainLoader(bundle, DATA, batch_size=32, seed=0), None, TrainConfig(epochs=1),
             normalizer=Normalizer.from_bundle(bundle), device=CPU, kd_loss=lambda s, t, y: s.sum())
+
+
+# ---- precision: QAT phases compute as the exported model does (strict fp32), float phases may not -----------
+
+
+@pytest.fixture
+def one_thread_and_tf32_allowed():
+    """One torch thread (shared 2-core machine), and TF32/bf16-reduced fp32 math switched *on* for the test, so
+    that a phase which leaves it on is seen; the process settings come back afterwards."""
+    threads, matmul, cudnn = torch.get_num_threads(), torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_num_threads(1)
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+    yield
+    torch.set_num_threads(threads)
+    torch.set_float32_matmul_precision(matmul)
+    torch.backends.cudnn.allow_tf32 = cudnn
+
+
+def _precision_log(model):
+    """Records (fp32 matmul precision, cuDNN TF32, strict fp32 block) at every forward and every backward."""
+    from kdsearch.quant import strict_fp32_active
+
+    log = []
+
+    def note(*_):
+        log.append((torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32, strict_fp32_active()))
+
+    def on_output(mod, inp, out):
+        note()
+        if out.requires_grad:
+            out.register_hook(note)  # runs inside loss.backward(), before the model's own backward ops
+
+    model.register_forward_hook(on_output)
+    return log
+
+
+@pytest.mark.parametrize("quantized", [True, False])
+def test_qat_phases_run_in_strict_fp32_and_float_phases_do_not(bundle, one_thread_and_tf32_allowed, quantized):
+    from kdsearch.quant import BitConfig, quantize
+
+    torch.manual_seed(0)
+    model = create_model("tiny_cnn", num_classes=bundle.num_classes)
+    if quantized:
+        quantize(model, BitConfig.uniform(model, 4))
+    log = _precision_log(model)
+    norm = Normalizer.from_bundle(bundle)
+    test = EvalLoader(bundle.test, batch_size=128)
+    fit(model, TrainLoader(bundle, DATA, batch_size=64, seed=0), test, TrainConfig(epochs=1, lr=0.05, batch_size=64),
+        normalizer=norm, device=CPU, progress=False)
+    evaluate(model, test, norm, CPU)
+    expected = ("highest", False, True) if quantized else ("high", True, False)
+    assert len(log) >= 2 * 4 + 2 and set(log) == {expected}  # 4 steps (forward + backward), 2 evaluations
+    assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == ("high", True)  # restored
+
+
+def test_no_bf16_autocast_inside_a_strict_fp32_phase():
+    """On CUDA the loop autocasts float phases to bf16; inside a QAT phase it must not (bf16 would round the
+    products the exported integer model computes in fp32)."""
+    import contextlib
+    import warnings
+
+    from kdsearch.quant import strict_fp32
+    from kdsearch.train import _autocast
+
+    cuda, cfg = torch.device("cuda"), TrainConfig(bf16=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.autocast("cuda") warns on a machine without CUDA
+        assert isinstance(_autocast(cuda, cfg), torch.autocast)
+        with strict_fp32():
+            assert isinstance(_autocast(cuda, cfg), contextlib.nullcontext)

@@ -16,11 +16,20 @@ from .bitconfig import (
     quantizable_layers,
     resolve_act_bits,
 )
-from .export import export_quantized, load_quantized, pack_bits, read_metadata, unpack_bits
+from .export import (
+    export_quantized,
+    input_shape_of,
+    load_quantized,
+    pack_bits,
+    read_metadata,
+    record_input_shape,
+    unpack_bits,
+)
 from .layers import FoldingBatchNorm1d, FoldingBatchNorm2d, QuantConv2d, QuantLinear, bypass_quantization
 from .lsq_ops import lsq_fake_quant, lsq_function, lsq_grad_scale
 from .quantizers import HalfQuantizer, LsqActQuantizer, LsqWeightQuantizer, init_act_step, init_weight_step
 from .onnx_export import export_onnx
+from .precision import strict_fp32, strict_fp32_active
 from .size import SizeReport, StoredTensor, model_size, storage_plan
 
 __all__ = [
@@ -44,6 +53,7 @@ __all__ = [
     "export_quantized",
     "init_act_step",
     "init_weight_step",
+    "input_shape_of",
     "is_quantized",
     "layer_inventory",
     "load_quantized",
@@ -56,7 +66,10 @@ __all__ = [
     "quantize",
     "quantizer_parameters",
     "read_metadata",
+    "record_input_shape",
     "resolve_act_bits",
     "storage_plan",
+    "strict_fp32",
+    "strict_fp32_active",
     "unpack_bits",
 ]

@@ -3,8 +3,9 @@
 QAT is then the ordinary training loop on the returned model: build the float model, load the float
 checkpoint, ``quantize`` (step sizes initialise from those weights and, with ``calib``, one batch), then
 create the optimizer. The step sizes are ``nn.Parameter``s that any optimizer trains (exclude them from
-weight decay: ``quantizer_parameters``); the model runs under ``torch.autocast`` with the quantizer math
-kept in fp32. A QAT checkpoint is the quantized model's ``state_dict``: load it into
+weight decay: ``quantizer_parameters``). The quantized layers compute in strict fp32 even under
+``torch.autocast`` (``precision.strict_fp32``), as the exported model does; ``kdsearch.train`` runs whole QAT
+phases that way (no TF32 in the backward either). A QAT checkpoint is the quantized model's ``state_dict``: load it into
 ``quantize(fresh_model, cfg, weight_init="none")`` (the activation steps' init state is in it too).
 
 BatchNorm: kept as a separate float layer during QAT (batch statistics in training, as in LSQ), not

@@ -9,14 +9,14 @@ Layout (one tensor per ``size.storage_plan`` entry, so the file payload equals `
 * ``<bn>.affine``: fp32 [2, C], BN folded into ``y*a + b`` (see ``layers.FoldingBatchNorm2d``).
 * every other parameter/buffer under its state_dict key, as stored.
 * metadata ``kdsearch``: JSON with format version, arch, num_classes, BitConfig, per-layer activation
-  bits and signedness, and any extra metadata given.
+  bits and signedness, the input shape (C, H, W) when known, and any extra metadata given.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,29 @@ from .size import storage_plan
 FORMAT = "kdsearch.quantized"
 FORMAT_VERSION = 1
 _META_KEY = "kdsearch"
+_INPUT_SHAPE_ATTR = "kdsearch_input_shape"
+
+
+def checked_input_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
+    shape = tuple(int(d) for d in input_shape)
+    if not shape or min(shape) < 1:
+        raise ValueError(f"input_shape must be positive sizes such as (3, 32, 32), got {tuple(input_shape)}")
+    return shape
+
+
+def record_input_shape(model: nn.Module, input_shape: Sequence[int] | None) -> None:
+    """Remember on ``model`` the per-sample input shape (C, H, W) it is meant for (the data's image shape).
+
+    Why: an exported graph has fixed spatial dimensions, so whoever exports it later (ONNX, a re-export)
+    needs the shape the model was trained on, not a guess. ``load_quantized`` records the file's shape.
+    """
+    if input_shape is not None:
+        setattr(model, _INPUT_SHAPE_ATTR, checked_input_shape(input_shape))
+
+
+def input_shape_of(model: nn.Module) -> tuple[int, ...] | None:
+    """The input shape recorded with ``record_input_shape`` (or read from a file by ``load_quantized``)."""
+    return getattr(model, _INPUT_SHAPE_ATTR, None)
 
 
 def pack_bits(values: np.ndarray | torch.Tensor, bits: int) -> np.ndarray:
@@ -96,13 +119,17 @@ def export_quantized(
     *,
     arch: str | None = None,
     num_classes: int | None = None,
+    input_shape: Sequence[int] | None = None,
     metadata: Mapping[str, Any] | None = None,
 ) -> int:
     """Write ``model`` (quantized, calibrated) as a compressed safetensors file atomically; return its bytes.
 
     ``arch``/``num_classes`` let ``load_quantized`` rebuild the architecture with ``create_model``
-    (num_classes defaults to the last Linear's out_features).
+    (num_classes defaults to the last Linear's out_features). ``input_shape``: the data's image shape
+    (C, H, W), stored so that ``export_onnx`` of the reloaded model needs no guess; defaults to the shape
+    recorded on ``model`` (``record_input_shape``), else none is stored.
     """
+    shape = checked_input_shape(input_shape) if input_shape is not None else input_shape_of(model)
     from kdsearch.io import atomic_path
 
     tensors: dict[str, torch.Tensor] = {}
@@ -145,6 +172,7 @@ def export_quantized(
         "num_classes": num_classes if num_classes is not None else _infer_num_classes(model),
         "bit_config": bit_config_of(model).to_dict(),
         "act": act,
+        "input_shape": None if shape is None else list(shape),
         "torch": torch.__version__,
         **dict(metadata or {}),
     }
@@ -172,6 +200,7 @@ def load_quantized(
 
     The architecture comes from ``model_factory()`` or ``kdsearch.models.create_model(arch, num_classes)``
     with the file's metadata. Weights load as ``q * step`` so the fake quantizers reproduce the codes exactly.
+    The file's input shape, if it has one, is recorded on the model (``input_shape_of``).
     """
     meta = read_metadata(path)
     if model_factory is None:
@@ -183,6 +212,7 @@ def load_quantized(
     else:
         model = model_factory()
     quantize(model, BitConfig.from_dict(meta["bit_config"]), weight_init="none")
+    record_input_shape(model, meta.get("input_shape"))
     for name, spec in meta["act"].items():
         layer = model.get_submodule(name)
         if hasattr(layer, "act_quantizer"):

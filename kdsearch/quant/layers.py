@@ -6,21 +6,23 @@ The wrappers *are* ``nn.Conv2d`` / ``nn.Linear`` subclasses that share the float
 (``weight_quantizer.step``, ``act_quantizer.step``) and buffers.
 
 Forward: quantize the input (activation quantizer: LSQ, fp16 cast, or nothing), quantize the weight
-(LSQ per channel, or fp16), then the ordinary conv/linear. The quantizer math runs in fp32 with autocast
-disabled; the conv/linear itself runs under whatever autocast is active (bf16 on GPU rounds q*s to bf16:
-8 significant bits, which represents every int8 code exactly and the product to 2^-9 relative).
+(LSQ per channel, or fp16), then the ordinary conv/linear. All of it runs in strict fp32
+(``precision.strict_fp32``: autocast off, no TF32), also when the caller has bf16 autocast on, because the
+exported integer model computes q*s products in fp32: under bf16 the conv would round every product to 8
+significant bits and the QAT model would not be the model the file holds. The output is fp32.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .precision import strict_fp32
 from .quantizers import HalfQuantizer, LsqActQuantizer, LsqWeightQuantizer
 
 Quantizer = LsqWeightQuantizer | LsqActQuantizer | HalfQuantizer
@@ -43,7 +45,7 @@ def make_act_quantizer(act_bits: int | None, impl: str, init: str) -> LsqActQuan
 
 
 class _QuantMixin:
-    """Shared by QuantConv2d / QuantLinear: the two quantizers and the fp32 quantization step."""
+    """Shared by QuantConv2d / QuantLinear: the two quantizers and the strict-fp32 forward (each supplies ``_op``)."""
 
     weight: nn.Parameter
     weight_quantizer: LsqWeightQuantizer | HalfQuantizer | None
@@ -73,15 +75,22 @@ class _QuantMixin:
             w = self.weight.float()
             return w if self.weight_quantizer is None else self.weight_quantizer(w)
 
-    def _operands(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _op(self, x: Tensor, w: Tensor) -> Tensor:
+        """The float layer's arithmetic on (quantized input, quantized weight): conv or linear."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._bypass:
+            return super().forward(x)  # type: ignore[misc]
         if torch.onnx.is_in_onnx_export():
             from .onnx_export import qdq_operands
 
-            return qdq_operands(self, x)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self._op(*qdq_operands(self, x))
+        with strict_fp32(x.device.type):
+            x = x.float()
             if self.act_quantizer is not None:
-                x = self.act_quantizer(x.float())
-        return x, self.quantized_weight()
+                x = self.act_quantizer(x)
+            return self._op(x, self.quantized_weight())
 
 
 class QuantConv2d(_QuantMixin, nn.Conv2d):
@@ -101,10 +110,7 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         )  # fmt: skip
         return q._adopt(conv, weight_bits, act_bits, impl, act_init)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self._bypass:
-            return super().forward(x)
-        x, w = self._operands(x)
+    def _op(self, x: Tensor, w: Tensor) -> Tensor:
         return self._conv_forward(x, w, self.bias)
 
     def extra_repr(self) -> str:
@@ -126,10 +132,7 @@ class QuantLinear(_QuantMixin, nn.Linear):
                 dtype=linear.weight.dtype)  # fmt: skip
         return q._adopt(linear, weight_bits, act_bits, impl, act_init)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self._bypass:
-            return super().forward(x)
-        x, w = self._operands(x)
+    def _op(self, x: Tensor, w: Tensor) -> Tensor:
         return F.linear(x, w, self.bias)
 
     def extra_repr(self) -> str:

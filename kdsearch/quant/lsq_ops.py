@@ -1,27 +1,31 @@
 """LSQ fake quantization as differentiable ops: the formula, and the implementations ``impl`` selects.
 
 LSQ (Esser et al., ICLR 2020): ``v_hat = clamp(round(v / s), -Qn, Qp) * s``, straight-through ``round``,
-step gradient (their eq. 3) ``round(v/s) - v/s`` inside the clip range and ``-Qn`` / ``Qp`` below / above it,
-scaled by ``g = 1 / sqrt(N * Qp)``.
+step gradient (their eq. 3) ``round(v/s) - v/s`` for ``-Qn < v/s < Qp`` and ``-Qn`` / ``Qp`` for
+``v/s <= -Qn`` / ``v/s >= Qp``, scaled by ``g = 1 / sqrt(N * Qp)``; the input gradient is 1 strictly inside
+the clip range and 0 elsewhere (eq. 5). The clip limits themselves count as clipped, as in eq. 3: every
+implementation below writes that convention out instead of inheriting ``torch.clamp``'s subgradient at the
+limits (which PyTorch has defined differently across releases).
 
 Implementations of the same function (``impl``):
 
-* ``"function"``: a ``torch.autograd.Function`` with the LSQ backward written out, using the identity
-  sum(dy * (q - v*inside)) = (sum(dy * v_hat) - sum(dx * x)) / s, so the backward needs no division of
-  the whole tensor and saves only x and v_hat (which the next ReLU/conv keep alive anyway).
+* ``"function"`` (the default, ``"auto"``, on every device): a ``torch.autograd.Function`` with the LSQ
+  backward written out, using the identity sum(dy * (q - v*inside)) = (sum(dy * v_hat) - sum(dx * x)) / s,
+  so the backward needs no division of the whole tensor and saves only x and v_hat (which the next
+  ReLU/conv keep alive anyway).
 * ``"compiled"``: the same, with the forward and the backward each fused into one loop by
   ``torch.compile`` (opt-in: a few kernels compile on first use, ~20 s on a 2-core CPU; needs a C++
   compiler on CPU, Triton on GPU).
-* ``"reference"``: LSQ's own formulation with round/clamp and detach tricks, differentiated by autograd;
-  the oracle the tests hold the others to, and the slowest (many elementwise passes and temporaries).
-* ``"fused"``: PyTorch's ``torch._fake_quantize_learnable_per_{channel,tensor}_affine`` (one kernel forward,
-  one backward). Its straight-through mask tests the *rounded* value, so values within half a step outside
-  the clip range still pass gradient: a slightly different STE than LSQ's.
-
-``"auto"`` picks ``function`` on CPU, where it beat the fused learnable ops (``benchmarks/qat_overhead.py``
-prints every impl side by side), and ``fused`` on CUDA, where the hand-written ops cost 4-12 kernel launches
-per quantizer per pass that the fused op avoids (not measured here: no GPU was available to this work; the
-benchmark measures every impl with ``--device cuda``).
+* ``"reference"``: LSQ's own formulation with round/clip and detach tricks, differentiated by autograd;
+  the slowest (many elementwise passes and temporaries). ``tests/test_lsq.py`` holds every impl, this one
+  included, to an independent plain-autograd transcription of eq. 1-5.
+* ``"fused"`` (opt-in, not LSQ): PyTorch's ``torch._fake_quantize_learnable_per_{channel,tensor}_affine``
+  (one kernel forward, one backward). Its straight-through mask tests the *rounded* value, so for
+  ``Qp < v/s < Qp + 1/2`` (and ``-Qn - 1/2 < v/s < -Qn``) it passes the input gradient and gives the step
+  gradient ``Qp - v/s`` where LSQ gives 0 and ``Qp``; it also divides by multiplying with ``1/s``, so
+  ``.5`` ties can round the other way. ``tests/test_lsq.py`` pins down exactly that difference, which is why
+  ``"auto"`` never picks it (on CUDA it would save the hand-written op's few extra kernel launches per
+  quantizer; ``benchmarks/qat_overhead.py`` times every impl).
 """
 
 from __future__ import annotations
@@ -49,10 +53,16 @@ def _round_ste(x: Tensor) -> Tensor:
     return x.round().detach() + (x - x.detach())
 
 
+def _clip(v: Tensor, qn: int, qp: int) -> Tensor:
+    """clamp(v, -Qn, Qp) whose gradient is 1 for -Qn < v < Qp and 0 elsewhere, the limits included (eq. 3/5)."""
+    inside = (v > -qn) & (v < qp)
+    return torch.where(inside, v, v.detach().clamp(-qn, qp))
+
+
 def lsq_fake_quant(x: Tensor, step: Tensor, qn: int, qp: int, g: float) -> Tensor:
     """Reference LSQ fake quantization; ``step`` broadcasts against ``x`` (per channel or per tensor)."""
     s = _grad_scale(step, g)
-    return _round_ste(torch.clamp(x / s, -qn, qp)) * s
+    return _round_ste(_clip(x / s, qn, qp)) * s
 
 
 class _LsqFunction(torch.autograd.Function):
@@ -76,8 +86,8 @@ class _LsqFunction(torch.autograd.Function):
             lo, hi = -ctx.qn * s, ctx.qp * s
         else:
             lo, hi = -ctx.qn * step, ctx.qp * step
-        # inside the clip range <=> clamp leaves x unchanged: one buffer becomes the 1/0 mask, then grad_x
-        gx = torch.clamp(x, lo, hi).eq_(x).mul_(gy)
+        # strictly inside the clip range (LSQ eq. 3: the limits count as clipped): the 1/0 mask, then grad_x
+        gx = gy * ((x > lo) & (x < hi))
         # LSQ eq. 3 summed: sum(gy * (round(clamp(v)) - v * inside)) = (sum(gy * out) - sum(gx * x)) / s
         if per_tensor and gy.is_contiguous() and out.is_contiguous() and x.is_contiguous():
             gs = (torch.dot(gy.view(-1), out.view(-1)) - torch.dot(gx.view(-1), x.view(-1))).reshape(step.shape)
@@ -101,7 +111,7 @@ def _fq_backward(
     x: Tensor, gy: Tensor, out: Tensor, lo: Tensor, hi: Tensor, per_channel: bool
 ) -> tuple[Tensor, Tensor]:
     """(grad_x, sum of gy*out - grad_x*x per channel or overall); one fused loop when compiled."""
-    gx = torch.where((x >= lo) & (x <= hi), gy, 0.0)
+    gx = torch.where((x > lo) & (x < hi), gy, 0.0)  # strictly inside, as in LSQ eq. 3
     t = gy * out - gx * x
     return gx, (t.sum(dim=1) if per_channel else t.sum())
 
@@ -160,5 +170,6 @@ IMPL_FNS = {
 }
 
 
-def resolve_impl(impl: str, x: Tensor) -> str:
-    return ("fused" if x.is_cuda else "function") if impl == "auto" else impl
+def resolve_impl(impl: str) -> str:
+    """``"auto"`` is the hand-written LSQ op on every device (the fused op is not LSQ: see the module doc)."""
+    return "function" if impl == "auto" else impl

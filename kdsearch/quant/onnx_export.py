@@ -13,6 +13,10 @@ What ONNX (opset 13) can express, and how each layer is written:
   Constant folding is off: it would fold DequantizeLinear of the int8 codes back into fp32 weights.
 * BatchNorm: the folded per-channel affine (Mul, Add), as in the safetensors file.
 
+The graph's input is ``[batch, C, H, W]`` with a dynamic batch and fixed (C, H, W): the data's image shape,
+given by the caller or recorded with the model (``export.input_shape_of``: a reloaded ``.kdq`` file carries
+it), never assumed.
+
 Needs the ``onnx`` package (PyTorch's TorchScript-based exporter refuses to run without it). Outputs match the
 PyTorch model to float rounding: a conv whose sum is ordered differently can move a downstream activation
 across a rounding boundary, so compare with a tolerance, not bitwise.
@@ -23,10 +27,12 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from .export import checked_input_shape, input_shape_of
 from .quantizers import HalfQuantizer, LsqActQuantizer, LsqWeightQuantizer
 
 
@@ -121,16 +127,44 @@ def qdq_operands(layer: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     return x, w
 
 
-def export_onnx(model: nn.Module, path: str | os.PathLike[str], example_input: Tensor, opset: int = 13) -> None:
-    """Write ``model`` (quantized, calibrated; CPU) as ONNX with QDQ nodes, atomically."""
+def _input_shape(model: nn.Module, input_shape: Sequence[int] | None, example: Tensor | None) -> tuple[int, ...]:
+    """The one per-sample shape that the caller's ``input_shape``, ``example``'s and the model's record agree on."""
+    known = {
+        "input_shape": None if input_shape is None else checked_input_shape(input_shape),
+        "example_input": None if example is None else tuple(example.shape[1:]),
+        "the model's recorded input shape": input_shape_of(model),
+    }
+    shapes = {k: v for k, v in known.items() if v is not None}
+    if not shapes:
+        raise ValueError("export_onnx: pass input_shape=(C, H, W), the data's image shape; the model records none")
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"export_onnx: the input shapes disagree: {shapes}")
+    return next(iter(shapes.values()))
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    example_input: Tensor | None = None,
+    opset: int = 13,
+    *,
+    input_shape: Sequence[int] | None = None,
+) -> None:
+    """Write ``model`` (quantized, calibrated; CPU) as ONNX with QDQ nodes, atomically.
+
+    The input's per-sample shape comes from ``input_shape`` (the data's image shape), ``example_input``
+    (traced instead of zeros) or the shape recorded with the model; given more than one, they must agree.
+    """
     if importlib.util.find_spec("onnx") is None:  # PyTorch's exporter itself needs it
         raise ImportError("export_onnx needs the 'onnx' package: pip install onnx")
     from kdsearch.io import atomic_path
 
+    shape = _input_shape(model, input_shape, example_input)
+    example = example_input if example_input is not None else torch.zeros(1, *shape)
     m = copy.deepcopy(model).cpu().eval()
     _prepare(m)
     with atomic_path(path) as tmp, torch.no_grad():
         torch.onnx.export(
-            m, (example_input.cpu(),), str(tmp), dynamo=False, opset_version=opset, do_constant_folding=False,
+            m, (example.cpu(),), str(tmp), dynamo=False, opset_version=opset, do_constant_folding=False,
             input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
         )  # fmt: skip

@@ -18,7 +18,8 @@ offset); unsigned ``Qn = 0, Qp = 2^b - 1``, chosen for activations whose calibra
 
 The autograd implementations (``impl``) live in ``lsq_ops.py``.
 
-All quantizer math runs in fp32, also under ``torch.autocast``: the wrappers in ``layers.py`` hand fp32 tensors in.
+All quantizer math runs in fp32, also under ``torch.autocast``: the wrappers in ``layers.py`` run it inside
+``precision.strict_fp32`` and hand fp32 tensors in.
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ class LsqWeightQuantizer(nn.Module):
     def forward(self, w: Tensor) -> Tensor:
         s = self.effective_step()
         g = lsq_grad_scale(w[0].numel(), self.qp)
-        impl = resolve_impl(self.impl, w)
+        impl = resolve_impl(self.impl)
         if impl == "fused":
             return torch._fake_quantize_learnable_per_channel_affine(
                 w, s, self.zero_point, 0, -self.qn, self.qp, g
@@ -226,7 +227,7 @@ class LsqActQuantizer(nn.Module):
         qn, qp = self.qrange
         s = self.step.float().clamp_min(STEP_EPS)
         g = lsq_grad_scale(x[0].numel() if x.dim() > 1 else x.numel(), qp)
-        impl = resolve_impl(self.impl, x)
+        impl = resolve_impl(self.impl)
         if impl == "fused":
             return torch._fake_quantize_learnable_per_tensor_affine(x, s, self.zero_point, -qn, qp, g)
         return IMPL_FNS[impl](x, s, qn, qp, g)

@@ -56,16 +56,27 @@ def layer_choices(
     return {n: [pinned[n]] if n in pinned else [b for b in bits if b not in set(excluded.get(n, ()))] for n in names}
 
 
+def _mb_to_bytes(mb: float) -> int:
+    return int(round(mb * 1e6, 6))  # MB = 1e6 bytes; round off float noise
+
+
 def budget_grid(budgets_mb: Sequence[float], around: Sequence[float]) -> list[dict[str, float]]:
-    """Each spec budget (multiple 1.0) followed by its ``around`` multiples, de-duplicated, in that order."""
-    out, seen = [], set()
-    for base in budgets_mb:
-        for mult in (1.0, *around):
-            budget_bytes = int(round(base * mult * 1e6, 6))  # MB = 1e6 bytes; round off float noise
-            if budget_bytes in seen:
-                continue
-            seen.add(budget_bytes)
-            out.append({"base_budget_mb": float(base), "multiple": float(mult), "budget_bytes": budget_bytes})
+    """Each spec budget (multiple 1.0) followed by its ``around`` multiples, in that order.
+
+    Every distinct spec budget keeps its own multiple-1.0 row, even when its size coincides with another
+    budget or with another budget's multiple: that row is where the report and finalize look up the
+    budget's solver start (by ``base_budget_mb`` and ``multiple == 1.0``). Only ``around`` rows whose size
+    is already in the grid (a spec budget's, or an earlier row's) are dropped: they would add nothing.
+    """
+    bases = list(dict.fromkeys(float(b) for b in budgets_mb))
+    out, seen = [], {_mb_to_bytes(b) for b in bases}
+    for base in bases:
+        out.append({"base_budget_mb": base, "multiple": 1.0, "budget_bytes": _mb_to_bytes(base)})
+        for mult in around:
+            budget_bytes = _mb_to_bytes(base * mult)
+            if budget_bytes not in seen:
+                seen.add(budget_bytes)
+                out.append({"base_budget_mb": base, "multiple": float(mult), "budget_bytes": budget_bytes})
     return out
 
 
