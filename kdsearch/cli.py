@@ -193,13 +193,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     r = rows.sort_values(["val_acc", "seed"], ascending=[False, True]).iloc[0]  # validation picks the seed too
     src = rd.final_model(r["id"], int(r["seed"]))
     if args.onnx:
-        import torch
+        from .quant import export_onnx, load_quantized
 
-        from .quant import export_onnx, load_quantized, read_metadata
-
-        shape = read_metadata(src).get("image_shape") or [3, 32, 32]
         try:
-            export_onnx(load_quantized(src), args.onnx, torch.zeros(1, *shape))
+            export_onnx(load_quantized(src), args.onnx)  # the input shape the file recorded at export
         except ImportError as err:
             raise UsageError(f"{err}") from None
         dest = Path(args.onnx)

@@ -13,14 +13,14 @@ def test_roundtrip_weights_only(tmp_path):
     torch.manual_seed(0)
     model = create_model("tiny_cnn", num_classes=5)
     path = tmp_path / "m.pt"
-    save_model(path, model, arch="tiny_cnn", num_classes=5, metrics={"test_acc": 50.0},
+    save_model(path, model, arch="tiny_cnn", num_classes=5, metrics={"val_acc": 52.5, "test_acc": 50.0},
                meta=provenance({"name": "x"}, inputs_key="k"))
     obj = torch.load(path, weights_only=True)  # must not need pickle
     assert obj["meta"]["inputs_key"] == "k" and isinstance(obj["meta"]["torch"], str)
     loaded, meta = load_model(path)
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(model.eval()(x), loaded.eval()(x))
-    assert meta["metrics"]["test_acc"] == 50.0
+    assert meta["metrics"] == {"val_acc": 52.5, "test_acc": 50.0}  # the choosing and the reported accuracy
 
 
 def test_outside_state_dict_needs_arch(tmp_path):

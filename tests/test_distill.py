@@ -284,49 +284,75 @@ def test_cache_build_resumes_per_epoch(bundle, teachers, tmp_path) -> None:
 def _stage_setup(tmp_path, **distill):
     from kdsearch.checkpoints import save_model
     from kdsearch.context import RunContext
-    from kdsearch.stages.train_models import teacher_path
+    from kdsearch.rundir import RunDir
 
     spec = parse_spec({
         "name": "kdtest", "device": "cpu",
         "data": DATA.model_dump(mode="json"),
         "teachers": {"models": ["tiny_cnn", "resnet8"], "gpus": 0, "cpus": 0.5},
-        "student": {"arch": "tiny_cnn", "train": {"epochs": 2, "lr": 0.05, "batch_size": 64}},
+        "student": {"arch": "tiny_cnn", "train": {"epochs": 2, "lr": 0.05, "batch_size": 64}, "gpus": 0},
         "distill": {"strategy": "dynamic", "source": "cache", "cache_epochs": 2, **distill},
         "search": {"budgets_mb": [0.05]},
     })
     ctx = RunContext.create(tmp_path / "run", device="cpu", progress=False)
     for arch in ("tiny_cnn", "resnet8"):
         torch.manual_seed(1)
-        save_model(teacher_path(ctx.run_dir, arch), create_model(arch, num_classes=10), arch=arch, num_classes=10,
+        save_model(RunDir(ctx.run_dir).teacher(arch), create_model(arch, num_classes=10), arch=arch, num_classes=10,
                    meta={"inputs_key": f"t-{arch}"})
     return spec, ctx
 
 
+def _kd(spec, ctx, strategy="dynamic", source="cache"):
+    from kdsearch.fp32 import train_kd_student
+    from kdsearch.rundir import RunDir
+    from kdsearch.stages.baselines import kd_kind
+
+    out = RunDir(ctx.run_dir).student(kd_kind(spec, strategy), 0)
+    return train_kd_student(spec, ctx.run_dir, out, seed=0, strategy=strategy, source=source,
+                            device=torch.device("cpu")), out
+
+
 def test_kd_student_with_alpha_zero_is_the_scratch_student(tmp_path) -> None:
     """Same initialisation, same augmented views (cache seed = student seed), CE only: identical runs."""
-    from kdsearch.stages.baselines import train_kd_student
-    from kdsearch.stages.train_models import train_scratch_student
+    from kdsearch.fp32 import train_float_model
+    from kdsearch.rundir import RunDir
 
     spec, ctx = _stage_setup(tmp_path, alpha=0.0)
-    kd, scratch = train_kd_student(spec, ctx), train_scratch_student(spec, ctx)
+    kd, _ = _kd(spec, ctx)
+    scratch = train_float_model(spec, "tiny_cnn", spec.student.train, RunDir(ctx.run_dir).student("scratch", 0),
+                                seed=0, device=torch.device("cpu"))
     assert [h["train_loss"] for h in kd["history"]] == [h["train_loss"] for h in scratch["history"]]
-    assert kd["test_acc"] == scratch["test_acc"]
+    assert kd["val_acc"] == scratch["val_acc"] and kd["test_acc"] == scratch["test_acc"]
 
 
 def test_train_kd_student_writes_resumable_model_files(tmp_path) -> None:
     from kdsearch.checkpoints import read_model_file
-    from kdsearch.stages.baselines import kd_student_path, train_kd_student
 
     spec, ctx = _stage_setup(tmp_path)
-    m = train_kd_student(spec, ctx)
-    out = kd_student_path(spec, ctx.run_dir)
-    assert out.name == "kd.pt" and out.is_file() and not out.with_suffix(".ckpt").exists()
-    assert m["strategy"] == "dynamic" and len(m["history"]) == 2 and 0 <= m["test_acc"] <= 100
-    assert (ctx.run_dir / "cache" / "logits" / "epoch_001.npy").is_file()
+    m, out = _kd(spec, ctx)
+    assert out.name == "kd.pt" and out.parent.name == "s0" and out.is_file() and not out.with_suffix(".ckpt").exists()
+    assert m["strategy"] == "dynamic" and len(m["history"]) == 2 and 0 <= m["val_acc"] <= 100
+    assert (ctx.run_dir / "cache" / "logits" / "s0" / "epoch_001.npy").is_file()
     stamp = out.stat().st_mtime_ns
-    assert train_kd_student(spec, ctx)["test_acc"] == m["test_acc"] and out.stat().st_mtime_ns == stamp  # skipped
+    assert _kd(spec, ctx)[0]["val_acc"] == m["val_acc"] and out.stat().st_mtime_ns == stamp  # skipped
     assert read_model_file(out)["meta"]["inputs_key"]
-    # Another strategy gets its own file, here served live by in-process teachers.
-    v = train_kd_student(spec, ctx, strategy="vote", source="inprocess")
-    assert kd_student_path(spec, ctx.run_dir, "vote").name == "kd_vote.pt" and v["source"] == "inprocess"
-    assert (ctx.run_dir / "students" / "kd_vote.pt").is_file()
+    # Another strategy gets its own file, here served by in-process teachers.
+    v, vout = _kd(spec, ctx, strategy="vote", source="inprocess")
+    assert vout.name == "kd_vote.pt" and v["source"] == "inprocess" and vout.is_file()
+
+
+def test_baselines_stage_trains_every_seed_as_ray_tasks(tmp_path, ray_session) -> None:
+    """seeds [0, 1]: a scratch and a KD student per seed, each a Ray task that records its node."""
+    from kdsearch.rundir import RunDir
+    from kdsearch.stages.baselines import train_baselines
+
+    spec, ctx = _stage_setup(tmp_path)
+    spec = parse_spec({**spec.to_dict(), "seeds": [0, 1]})
+    out = train_baselines(spec, ctx)
+    assert sorted(out) == ["kd s0", "kd s1", "scratch s0", "scratch s1"]
+    rd = RunDir(ctx.run_dir)
+    for s in (0, 1):
+        for kind in ("scratch", "kd"):
+            m = out[f"{kind} s{s}"]
+            assert rd.student(kind, s).is_file() and m["seed"] == s and m["node"]["node_id"]
+    assert out["kd s0"]["history"] != out["kd s1"]["history"]  # other seed, other initialisation and views

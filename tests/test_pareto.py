@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kdsearch.pareto import hypervolume, hypervolume_history, non_dominated_mask, pareto_front, reference_point
+from kdsearch.pareto import (ACC, SIZE, hypervolume, hypervolume_history, non_dominated_mask, pareto_front,
+                             reference_point)
 
 points_2d = st.lists(st.tuples(st.integers(0, 100), st.integers(1, 50)), min_size=1, max_size=25)
 
@@ -68,11 +69,22 @@ def test_history_is_monotone_and_ends_at_the_total() -> None:
 
 
 def test_pareto_front_rows() -> None:
-    df = pd.DataFrame({"acc": [80.0, 90.0, 70.0, np.nan, 90.0], "size_mb": [2.0, 5.0, 6.0, 1.0, 7.0],
+    assert (ACC, SIZE) == ("val_acc", "size_mb")  # the search chooses on validation accuracy
+    df = pd.DataFrame({ACC: [80.0, 90.0, 70.0, np.nan, 90.0], SIZE: [2.0, 5.0, 6.0, 1.0, 7.0],
                        "number": [0, 1, 2, 3, 4]})
     front = pareto_front(df)
     assert front["number"].tolist() == [0, 1]  # size ascending; NaN row skipped; (90, 7) dominated by (90, 5)
     assert pareto_front(df.iloc[3:4]).empty
+
+
+def test_pareto_front_is_chosen_on_validation_not_test() -> None:
+    """A test accuracy that would change the front must not: only the val_acc column is read."""
+    df = pd.DataFrame({"val_acc": [80.0, 90.0, 85.0], "test_acc": [99.0, 10.0, 10.0], SIZE: [2.0, 5.0, 6.0],
+                       "number": [0, 1, 2]})
+    assert pareto_front(df)["number"].tolist() == [0, 1]  # (85, 6) is dominated on val_acc
+    assert pareto_front(df, acc="test_acc")["number"].tolist() == [0]  # what test would have picked
+    with pytest.raises(KeyError):
+        pareto_front(pd.DataFrame({"acc": [80.0], SIZE: [1.0]}))  # the old column name is not read
 
 
 def test_inputs_are_validated() -> None:
@@ -85,8 +97,8 @@ def test_inputs_are_validated() -> None:
 def test_plot_pareto_writes_png(tmp_path) -> None:
     from kdsearch.plots import Marker, plot_pareto
 
-    df = pd.DataFrame({"status": ["completed", "completed", "pruned", "infeasible"], "acc": [80.0, 85.0, 60.0, np.nan],
-                       "size_mb": [0.02, 0.03, 0.025, 0.09]})
+    df = pd.DataFrame({"status": ["completed", "completed", "pruned", "infeasible"], ACC: [80.0, 85.0, 60.0, np.nan],
+                       SIZE: [0.02, 0.03, 0.025, 0.09]})
     out = plot_pareto(df, tmp_path / "pareto.png", budget_mb=0.05,
                       markers=[Marker("uniform 8-bit", 0.04, 86.0), Marker("uniform 16-bit", 0.08),
                                Marker("float", 0.3, 88.0)])

@@ -26,7 +26,7 @@ SEED_ROWS = [("Baseline (Scratch)", "FP32"), ("KD (FP32)", "FP32"), ("QAT Scratc
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, ray_session):
     return build_run(tmp_path_factory.getbasetemp() / "shared_run")
 
 
@@ -36,7 +36,7 @@ def _rows(md: str) -> dict[tuple[str, str], list[str]]:
     out = {}
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 7 and cells[0] not in ("Configuration", "---"):
+        if len(cells) == 10 and cells[0] not in ("Configuration", "---"):
             out[(cells[0], cells[1])] = cells[2:]
     return out
 
@@ -50,15 +50,19 @@ def test_report_has_every_seed_row_with_numbers(run) -> None:
     assert list(rows)[: len(SEED_ROWS)] == SEED_ROWS
     final = pd.read_parquet(ctx.run_dir / "final" / "final.parquet").set_index("id")
     for key, cells in rows.items():
-        acc, size, file_bytes, avg_bits, model = cells
+        acc, n, val, size, file_bytes, avg_bits, teachers, model = cells
         assert float(acc) >= 0 and float(size) > 0 and float(avg_bits) > 0  # every row has numbers here
+        assert int(n) == len(spec.seeds) and float(val) >= 0
         if model.startswith("final/"):
-            r = final.loc[model.removeprefix("final/").removesuffix(".kdq")]
-            assert acc == f"{r['acc']:.2f}" and int(file_bytes.replace(",", "")) == r["file_bytes"]
-    assert rows[("QAT KD", "8-bit")][4] == "final/qat_kd_8.kdq"
-    assert rows[("QAT Layer+KD", "Mixed 16/8-bit")][4] == "final/trial_00001.kdq"
-    assert rows[("Baseline (Scratch)", "FP32")][4] == "students/scratch.pt"
-    assert "tiny_cnn (" in md and "synthetic-v1:seed=0" in md  # teachers' accuracies, data provenance
+            r = final.loc[model.removeprefix("final/").removesuffix(".s*.kdq")]
+            assert acc == f"{r['test_acc']:.2f}" and val == f"{r['val_acc']:.2f}"  # one seed: the value itself
+            assert int(file_bytes.replace(",", "")) == r["file_bytes"]
+            assert teachers == ("logit cache" if r["kd"] else "-")
+    assert rows[("QAT KD", "8-bit")][-1] == "final/qat_kd_8.s*.kdq"
+    assert rows[("QAT Layer+KD", "Mixed 16/8-bit")][-1] == "final/trial_00001.s*.kdq"
+    assert rows[("Baseline (Scratch)", "FP32")][-1] == "students/s*/scratch.pt"
+    assert "Selected on validation, reported on test" in md
+    assert "tiny_cnn (test " in md and "synthetic-v1:seed=0" in md  # teachers' accuracies, data provenance
     for link in ("search/pareto.png", "sensitivity/sensitivity.png"):  # relative links that resolve
         assert f"]({link})" in md and (ctx.run_dir / link).is_file()
     assert "x smaller" in md and "Original size (FP32):** 0.0958 MB" in md
@@ -74,6 +78,7 @@ def test_report_on_a_partial_run_says_not_run_yet(tmp_path) -> None:
     rows = _rows(md)
     assert list(rows) == SEED_ROWS
     assert rows[("QAT Layer+KD", "Mixed 16/8-bit")][0] == "not searched (the spec's bit choices are 8/4/2)"
+    assert all(cells[1] == "0" for cells in rows.values())  # n = 0: nothing measured
     for key in SEED_ROWS[:6] + [("QAT Layer+KD", "Mixed 8/4-bit")]:
         assert rows[key][0] == "not run yet"
     for section in ("## Search", "## Layer sensitivity", "## All finalized models"):
@@ -171,9 +176,11 @@ def test_cli_export_copies_the_best_packed_file_and_onnx(run, tmp_path, capsys) 
     assert main(["export", str(ctx.run_dir), "--out", str(out)]) == 0
     df = pd.read_parquet(ctx.run_dir / "final" / "final.parquet")
     best_id = capsys.readouterr().out.split(": ")[1].split(" ")[0]
-    row = df[df["id"] == best_id].iloc[0]
-    assert "best <=" in row["roles"]
-    assert out.read_bytes() == (ctx.run_dir / "final" / f"{best_id}.kdq").read_bytes()
+    # the default is chosen on validation: the best mean val_acc within the first budget, ties toward smaller
+    fits = df[df["size_mb"] <= BUDGET].groupby("id").agg(val=("val_acc", "mean"), size=("size_mb", "first"))
+    want = fits.sort_values(["val", "size"], ascending=[False, True]).index[0]
+    assert best_id == want
+    assert out.read_bytes() == (ctx.run_dir / "final" / f"{best_id}.s0.kdq").read_bytes()
     size = model_size(load_quantized(out)).total_bytes
     assert size <= out.stat().st_size <= size * 1.02 + 16_000
     assert main(["export", str(ctx.run_dir), "--model", "nope"]) == 2

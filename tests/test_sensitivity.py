@@ -24,11 +24,11 @@ from kdsearch.sensitivity import (
     layer_names,
     omega_kl,
     resolve_pins,
-    sensitivity_stage,
     sensitivity_table,
     warm_starts,
 )
 from kdsearch.spec import parse_spec
+from kdsearch.stages.sensitivity import sensitivity_stage
 
 
 def _tiny(seed: int = 0) -> nn.Module:
@@ -203,21 +203,25 @@ def _spec(budget_mb: float = 0.02, **sens) -> object:
         "name": "sens", "device": "cpu",
         "data": {"dataset": "synthetic", "num_classes": 10, "train_size": 64, "test_size": 32, "num_workers": 0},
         "teachers": {"models": ["resnet8"]},
-        "student": {"arch": "tiny_cnn"},
+        "student": {"arch": "tiny_cnn", "gpus": 0},
         "quant": {"bits": [8, 4, 2], "pin": {"first": 8, "last": 8}},
         "sensitivity": {"calib_size": 32, "hutchinson_samples": 2, **sens},
         "search": {"budgets_mb": [budget_mb]},
     })  # fmt: skip
 
 
-def test_stage_writes_table_priors_plot_and_reuses(tmp_path):
+def test_stage_writes_table_priors_plot_and_reuses(tmp_path, ray_session):
+    from kdsearch.errors import StageFailed
+    from kdsearch.rundir import RunDir
+
     spec = _spec(exclude_above=0.5)
-    ctx = RunContext(tmp_path / "runs" / "sens", torch.device("cpu"), progress=False)
-    with pytest.raises(Exception, match="no float student"):
+    ctx = RunContext.create(tmp_path / "runs" / "sens", device="cpu", progress=False)
+    with pytest.raises(StageFailed, match="stage sensitivity: .* failed .*no float student"):
         sensitivity_stage(spec, ctx)
     m = _tiny()
-    save_model(ctx.run_dir / "students" / "scratch.pt", m, arch="tiny_cnn", num_classes=10)
+    save_model(RunDir(ctx.run_dir).student("scratch", 0), m, arch="tiny_cnn", num_classes=10)
     out = sensitivity_stage(spec, ctx)
+    assert out["node"]["node_id"]  # measured in a Ray task, which says where
     d = ctx.run_dir / "sensitivity"
     table = pd.read_parquet(d / "sensitivity.parquet")
     names = layer_names(m)
@@ -242,7 +246,7 @@ def test_stage_writes_table_priors_plot_and_reuses(tmp_path):
     assert again["reused"] and again["metric"] == "omega_hessian"
 
 
-def test_students_stage_ranks_candidates_and_caches(tmp_path):
+def test_students_stage_ranks_candidates_and_caches(tmp_path, ray_session):
     """Student selection (kdsearch/stages/students.py): float, PTQ and short-QAT accuracy at 8 and 4 bits."""
     from kdsearch.stages.students import selection_markdown, students_stage
 
@@ -250,12 +254,13 @@ def test_students_stage_ranks_candidates_and_caches(tmp_path):
         "name": "st", "device": "cpu",
         "data": {"dataset": "synthetic", "num_classes": 4, "train_size": 32, "test_size": 16, "num_workers": 0},
         "teachers": {"models": ["resnet8"]},
-        "student": {"arch": "tiny_cnn", "candidates": ["tiny_cnn"], "train": {"epochs": 1, "batch_size": 16}},
+        "student": {"arch": "tiny_cnn", "candidates": ["tiny_cnn"], "train": {"epochs": 1, "batch_size": 16},
+                    "gpus": 0},
         "search": {"budgets_mb": [0.02], "trial_epochs": 1, "trial": {"batch_size": 16}},
     })  # fmt: skip
-    ctx = RunContext(tmp_path / "runs" / "st", torch.device("cpu"), progress=False)
+    ctx = RunContext.create(tmp_path / "runs" / "st", device="cpu", progress=False)
     df = students_stage(spec, ctx)
-    assert (ctx.run_dir / "students" / "scratch.pt").is_file()  # the spec's student shares the baselines' file
+    assert (ctx.run_dir / "students" / "s0" / "scratch.pt").is_file()  # the spec's student shares the baselines' file
     row = df.iloc[0]
     assert row["arch"] == "tiny_cnn" and row["rank"] == 1
     for b in (8, 4):

@@ -46,6 +46,13 @@ BAD = [
     (("search", "budgets_mb"), [-1], "search.budgets_mb", "> 0"),
     (("data", "num_classes"), 100, "data", "num_classes"),
     (("name",), "has space", "name", "pattern"),
+    (("student", "gpus"), -1, "student.gpus", "greater than or equal"),
+    (("student", "cpus"), 0, "student.cpus", "greater than"),
+    (("seeds",), [1, 2, 1], "seeds", "distinct"),
+    (("seeds",), [], "seeds", "at least 1"),
+    (("seeds",), [0.5], "seeds.0", "integer"),
+    (("data", "val_size"), 0, "data.val_size", "count >= 1"),
+    (("data", "val_size"), 1.5, "data.val_size", "fraction in (0, 1)"),
 ]
 
 
@@ -58,6 +65,8 @@ def test_bad_values_name_the_field(smoke, path, value, field, hint):
     node[path[-1]] = value
     if path == ("data", "num_classes"):  # a fixed-class dataset with a contradicting num_classes
         d["data"]["dataset"] = "cifar10"
+    if path == ("seeds",):
+        del d["seed"]  # smoke.yaml uses the short form; seed and seeds together are an error of their own
     with pytest.raises(SpecError) as ei:
         parse_spec(d)
     msg = str(ei.value)
@@ -122,3 +131,75 @@ def test_relative_paths_become_absolute(smoke, tmp_path, monkeypatch):
     spec = parse_spec(d)
     assert spec.data.root == str(tmp_path / "data" / "cifar.tar.gz")
     assert spec.teachers.models[0].checkpoint == os.path.expanduser("~/t.pt")
+
+
+# ---- seeds -------------------------------------------------------------------------------------------------
+def _without_seed(smoke: dict) -> dict:
+    d = copy.deepcopy(smoke)
+    del d["seed"]
+    return d
+
+
+def test_seeds_forms(smoke):
+    assert smoke["seed"] == 0 and parse_spec(smoke).seeds == (0,)  # the shipped short form
+    assert parse_spec(_without_seed(smoke)).seeds == (0,)  # the default
+    short = parse_spec({**_without_seed(smoke), "seed": 5})
+    assert short.seeds == (5,) and short.seed == 5
+    many = parse_spec({**_without_seed(smoke), "seeds": [3, 1, 2]})
+    assert many.seeds == (3, 1, 2) and many.seed == 3  # order kept: the first seed runs the once-per-run stages
+    assert parse_spec(smoke, {"seed": 7}).seeds == (7,)  # --set seed=7 replaces the spec's seed
+    d = many.to_dict()
+    assert d["seeds"] == [3, 1, 2] and "seed" not in d
+    assert many.key_dict() == {**d, "seed": 3}
+    assert short.key_dict()["seed"] == 5 and short.key_dict()["seeds"] == [5]
+
+
+def test_seeds_roundtrip(tmp_path, smoke):
+    spec = parse_spec({**_without_seed(smoke), "seeds": [2, 7]})
+    spec.save(tmp_path / "spec.yaml")
+    saved = yaml.safe_load((tmp_path / "spec.yaml").read_text())
+    assert saved["seeds"] == [2, 7] and "seed" not in saved
+    assert load_spec(tmp_path / "spec.yaml") == spec
+
+
+def test_more_seeds_keep_the_once_per_run_keys(smoke):
+    """Adding seeds must not redo the teachers, the sensitivity table or the search (they run under seeds[0])."""
+    one = parse_spec(smoke)
+    three = parse_spec({**_without_seed(smoke), "seeds": [0, 1, 2]})
+    other_first = parse_spec({**_without_seed(smoke), "seeds": [1, 0, 2]})
+    for sections in (("seed",), ("seed", "data", "teachers"), ("seed", "search", "quant", "sensitivity")):
+        assert one.fingerprint(*sections) == three.fingerprint(*sections)
+    assert one.fingerprint("seed") != other_first.fingerprint("seed")
+    assert one.fingerprint("seeds") != three.fingerprint("seeds") and one.fingerprint() != three.fingerprint()
+
+
+def test_seed_and_seeds_together_is_one_line_error(smoke):
+    d = copy.deepcopy(smoke)
+    d["seeds"] = [0, 1]
+    with pytest.raises(SpecError) as ei:
+        parse_spec(d)
+    msg = str(ei.value)
+    assert "\n" not in msg and "seed" in msg and "seeds" in msg and "not both" in msg, msg
+    with pytest.raises(SpecError, match="not both"):
+        parse_spec(smoke, {"seeds": [1, 2]})
+
+
+@pytest.mark.xfail(strict=True, reason="product bug (kdsearch/spec.py Spec._seed_short_form): the 'before' model "
+                   "validator raises at the top level, so the SpecError has field '' and no \"spec field 'seed'\" "
+                   "prefix, unlike every other spec error")
+def test_seed_and_seeds_together_names_the_field(smoke):
+    d = copy.deepcopy(smoke)
+    d["seeds"] = [0, 1]
+    with pytest.raises(SpecError) as ei:
+        parse_spec(d)
+    assert ei.value.field in ("seed", "seeds") and str(ei.value).startswith(f"spec field '{ei.value.field}'")
+
+
+def test_student_resources(smoke):
+    spec = parse_spec(smoke)
+    assert (spec.student.gpus, spec.student.cpus) == (1.0, 1.0)  # the defaults (smoke.yaml sets neither)
+    cpu_only = parse_spec(smoke, {"student.gpus": 0, "student.cpus": 2})
+    assert (cpu_only.student.gpus, cpu_only.student.cpus) == (0.0, 2.0)
+    shared = parse_spec(smoke, {"student.gpus": 0.25, "student.cpus": 0.5})
+    assert (shared.student.gpus, shared.student.cpus) == (0.25, 0.5)
+    assert spec.fingerprint("teachers") == cpu_only.fingerprint("teachers")

@@ -81,7 +81,7 @@ def _finalize_task(spec_dict: dict[str, Any], run_dir: str, cand: dict[str, Any]
         old = json.loads(js.read_text())
         if old.get("inputs_key") == key:
             log.info("finalize: %s seed %d is done (same inputs); skipping", c.id, seed)
-            return {**old, "roles": list(c.roles)}
+            return {**old, "roles": list(c.roles), "reused": True}
     ckpt = rd.final_model(c.id, seed, ".ckpt")
     t0 = time.perf_counter()
     bundle = load_data(spec.data)
@@ -96,8 +96,8 @@ def _finalize_task(spec_dict: dict[str, Any], run_dir: str, cand: dict[str, Any]
                             ckpt_path=ckpt, bundle=bundle, desc=f"finalize {c.id} s{seed}", resume_key=key)
     size = model_size(model)
     file_bytes = export_quantized(model, kdq, arch=spec.student.arch, num_classes=bundle.num_classes,
-                                  metadata={"id": c.id, "seed": seed, "spec": spec.name,
-                                            "data_version": bundle.version, "image_shape": list(bundle.image_shape)})
+                                  input_shape=bundle.image_shape,
+                                  metadata={"id": c.id, "seed": seed, "spec": spec.name, "data_version": bundle.version})
     norm = Normalizer.from_bundle(bundle)
     reloaded = load_quantized(kdq).to(device)
     val = EvalLoader(bundle.val, batch_size=spec.data.eval_batch_size, device=device)
@@ -220,4 +220,5 @@ def finalize_stage(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     return {"models": {f"{r['id']} s{r['seed']}": {"val_acc": round(r["val_acc"], 4), "test_acc": round(r["test_acc"], 4),
                                                    "size_mb": r["size_mb"], "file_bytes": r["file_bytes"],
                                                    "label": r["label"]} for r in rows},
-            "table": str(rd.final_table), "budgets_without_config": missing, "export_mismatch": bad}
+            "table": str(rd.final_table), "budgets_without_config": missing, "export_mismatch": bad,
+            "reused": sum(bool(r.get("reused")) for r in rows)}
