@@ -107,10 +107,12 @@ def _absolute(path: str | None) -> str | None:
 
 
 def _check_arch(name: str) -> str:
-    from .models import is_model, list_models
+    # The static name list, not `kdsearch.models`: importing the registry imports torch (seconds).
+    from .model_names import known_model_names
 
-    if not is_model(name):
-        raise ValueError(f"unknown architecture '{name}'; available: {', '.join(list_models())}")
+    names = known_model_names()
+    if name not in names:
+        raise ValueError(f"unknown architecture '{name}'; available: {', '.join(names)}")
     return name
 
 

@@ -122,3 +122,24 @@ def test_relative_paths_become_absolute(smoke, tmp_path, monkeypatch):
     spec = parse_spec(d)
     assert spec.data.root == str(tmp_path / "data" / "cifar.tar.gz")
     assert spec.teachers.models[0].checkpoint == os.path.expanduser("~/t.pt")
+
+
+def test_static_model_names_match_the_registry():
+    """`kdsearch.spec` checks architecture names against a static list so that it never imports torch; the list
+    must be exactly the registry's, or a spec naming a new architecture would be refused (or a removed one taken)."""
+    from kdsearch.model_names import MODEL_NAMES
+    from kdsearch.models import list_models
+
+    assert sorted(MODEL_NAMES) == list_models(), "update kdsearch/model_names.py to the registry's names"
+
+
+def test_arch_check_uses_the_registry_once_it_is_loaded(smoke, monkeypatch):
+    """An architecture registered at run time (a plugin, a test) is accepted, as it was before the static list."""
+    import kdsearch.models.registry as registry
+    from kdsearch.models import register_model
+
+    monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))
+    register_model("runtime_only_net", tags=("small",))(lambda num_classes=10, **kw: None)
+    d = copy.deepcopy(smoke)
+    d["student"]["arch"] = "runtime_only_net"
+    assert parse_spec(d).student.arch == "runtime_only_net"
