@@ -68,7 +68,7 @@ def test_validate_ok_and_listings(capsys, tmp_path):
 
 # -- a run directory made of the files `status` and `pareto` read (no training) --------------------------------
 def make_run_dir(root: Path) -> Path:
-    """spec.yaml, manifest.json and search/{results.parquet, summary.json} as a run in its search writes them."""
+    """spec.yaml, manifest.json and search/{results.parquet, summary.json}, as a run and its search write them."""
     import pandas as pd
 
     from kdsearch.search.results import BASE_COLUMNS
