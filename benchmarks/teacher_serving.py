@@ -13,7 +13,6 @@ benchmarks/results/teacher_serving_<host>.json with the machine described.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics

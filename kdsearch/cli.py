@@ -2,6 +2,10 @@
 
 User mistakes (a bad spec, missing data, no GPU where one is demanded, an unreadable checkpoint)
 print one line naming the problem and the fix and exit with code 2, before any compute starts.
+
+Commands import what they use when they run, never at the top of this module: torch and Ray take
+seconds to import, and `--help`, `specs`, `status`, `pareto` and a spec typo must answer at once
+(tests/test_cli.py checks that those never import torch or Ray; benchmarks/cli_startup.py times them).
 """
 
 from __future__ import annotations
@@ -12,11 +16,11 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .context import RunContext, setup_logging
-from .pipeline import StageFailed
-from .spec import Spec, SpecError, list_builtin_specs, load_spec, parse_override
+if TYPE_CHECKING:
+    from .context import RunContext
+    from .spec import Spec
 
 EXIT_USAGE = 2
 
@@ -25,26 +29,50 @@ class UsageError(RuntimeError):
     """A one-line user error raised by a command (exit 2)."""
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .checkpoints import CheckpointError
-    from .data import DataError
-    from .runtime import DeviceError
-    from .status import RunDirError
+# (module, class) of the exceptions that are user mistakes: printed as one line, exit 2.
+USER_ERRORS = (("kdsearch.spec", "SpecError"), ("kdsearch.checkpoints", "CheckpointError"),
+               ("kdsearch.data_checks", "DataError"), ("kdsearch.runtime", "DeviceError"),
+               ("kdsearch.status", "RunDirError"))
 
-    return (SpecError, UsageError, CheckpointError, DataError, DeviceError, RunDirError)
+
+def _loaded(*classes: tuple[str, str]) -> tuple[type[BaseException], ...]:
+    """The exception classes among `classes` whose module is imported.
+
+    An exception whose module was never imported cannot have been raised, and importing the module only to
+    name the class in an `except` would import torch (checkpoints, runtime, pipeline do) into every command.
+    """
+    return tuple(getattr(sys.modules[mod], name) for mod, name in classes if mod in sys.modules)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    return (UsageError, *_loaded(*USER_ERRORS))
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    from .context import setup_logging  # kdsearch.context imports torch: only commands that compute get here
+
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
 
 
 def _load(args: argparse.Namespace) -> tuple[Spec, RunContext]:
+    from .spec import load_spec, parse_override
+
     overrides = dict(parse_override(s) for s in args.set or [])
     if getattr(args, "device", None):
         overrides["device"] = args.device  # --device is the spec's device: the Ray tasks resolve it where they run
     spec = load_spec(args.spec, overrides)
-    from .data import check_data
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / spec.name
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"run directory '{run_dir}' is a file, not a folder; give --run-dir a folder "
+                         "(new or one `kdsearch run` made; default runs/<spec name>)")
+    # Everything above is torch-free, so a typo is answered at once; the checks below build the student.
+    _setup_logging(args)
+    from .context import RunContext
+    from .data_checks import check_data
     from .spec_checks import check_spec
 
     check_spec(spec)
     check_data(spec.data)
-    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / spec.name
     ctx = RunContext.create(run_dir, device=spec.device, address=args.address)
     return spec, ctx
 
@@ -126,29 +154,42 @@ def cmd_students(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from .pipeline import run_pipeline
-    from .search import pareto_table
 
     spec, ctx = _load(args)
     run_pipeline(spec, ctx, only=("teachers", "baselines", "sensitivity", "search"))
-    print(pareto_table(ctx.run_dir).to_string(index=False))
+    print(_front_text(ctx.run_dir, brief=False))
     return 0
 
 
+def _front_text(run_dir: Path, brief: bool) -> str:
+    """The current Pareto front as a table (rich on a terminal, markdown otherwise), as `status` shows it."""
+    from .search.results import pareto_table
+    from .status import unreadable
+    from .tables import FRONT_FORMAT, render_table, stdout_is_terminal
+
+    try:
+        front = pareto_table(run_dir)
+    except FileNotFoundError as err:  # its message names the file and says to run the search first
+        raise UsageError(str(err)) from None
+    except (OSError, ValueError) as err:  # torn or edited (pyarrow's ArrowInvalid is a ValueError)
+        raise unreadable(run_dir / "search", err) from None
+    if not len(front):
+        return "no completed trial on the front yet"
+    return render_table(front.drop(columns=["bits"]) if brief else front, FRONT_FORMAT, rich=stdout_is_terminal())
+
+
 def cmd_pareto(args: argparse.Namespace) -> int:
-    from .search import pareto_table
     from .status import check_run_dir
 
-    front = pareto_table(check_run_dir(args.run_dir))
-    cols = [c for c in front.columns if not c.startswith("bits.")] + ([] if args.brief else
-                                                                      [c for c in front.columns if c.startswith("bits.")])
-    print(front[cols].to_string(index=False) if len(front) else "no completed trial on the front yet")
+    print(_front_text(check_run_dir(args.run_dir), brief=args.brief))
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from .status import run_status
+    from .tables import stdout_is_terminal
 
-    print(run_status(args.run_dir), end="")
+    print(run_status(args.run_dir, rich=stdout_is_terminal()), end="")
     return 0
 
 
@@ -217,6 +258,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_specs(args: argparse.Namespace) -> int:
+    from .spec import list_builtin_specs
+
     print("\n".join(list_builtin_specs()))
     return 0
 
@@ -265,10 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pareto", help="print the current Pareto front of a run (works while it searches)")
     p.add_argument("run_dir")
     p.add_argument("--brief", action="store_true", help="leave out the per-layer bit columns")
-    p.set_defaults(fn=cmd_pareto)
+    p.set_defaults(fn=cmd_pareto, quiet=True)
     p = sub.add_parser("status", help="stages done, search progress and the current front of a run")
     p.add_argument("run_dir")
-    p.set_defaults(fn=cmd_status)
+    p.set_defaults(fn=cmd_status, quiet=True)
     p = sub.add_parser("report", help="regenerate report.md of a run")
     p.add_argument("run_dir")
     p.set_defaults(fn=cmd_report)
@@ -283,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     _spec_args(p)
     p.set_defaults(fn=cmd_validate)
     p = sub.add_parser("specs", help="list the built-in specs")
-    p.set_defaults(fn=cmd_specs)
+    p.set_defaults(fn=cmd_specs, quiet=True)
     p = sub.add_parser("models", help="list the registered architectures")
     p.add_argument("--tag", help="teacher, student or small")
     p.add_argument("--num-classes", type=int, default=10)
@@ -296,13 +339,15 @@ def main(argv: list[str] | None = None) -> int:
     # any module imports ray.
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     args = build_parser().parse_args(argv)
-    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
+        # Commands that only read files never log; spec commands set logging up in _load once the spec parsed.
+        if not getattr(args, "quiet", False) and not hasattr(args, "spec"):
+            _setup_logging(args)
         return int(args.fn(args))
     except _user_errors() as err:
         print(f"kdsearch: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    except StageFailed as err:
+    except _loaded(("kdsearch.pipeline", "StageFailed")) as err:
         print(f"kdsearch: stage failed: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

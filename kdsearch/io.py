@@ -17,9 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -51,6 +48,8 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    import torch  # here, not at the top: the CLI's read-only commands import this module and must start fast
+
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 

@@ -32,6 +32,7 @@ class SpecError(ValueError):
 
     def __init__(self, field: str, message: str) -> None:
         self.field = field
+        message = " ".join(message.splitlines())  # the CLI prints one line per error, whatever a validator said
         super().__init__(f"spec field '{field}': {message}" if field else message)
 
 
@@ -118,10 +119,12 @@ def _absolute(path: str | None) -> str | None:
 
 
 def _check_arch(name: str) -> str:
-    from .models import is_model, list_models
+    # The static name list, not `kdsearch.models`: importing the registry imports torch (seconds).
+    from .model_names import known_model_names
 
-    if not is_model(name):
-        raise ValueError(f"unknown architecture '{name}'; available: {', '.join(list_models())}")
+    names = known_model_names()
+    if name not in names:
+        raise ValueError(f"unknown architecture '{name}'; available: {', '.join(names)}")
     return name
 
 
@@ -327,6 +330,9 @@ class Spec(_Cfg):
         atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+_MAPPING_ERRORS = ("model_type", "model_attributes_type", "dict_type")
+
+
 def _format_error(err: ValidationError) -> SpecError:
     e = err.errors()[0]
     field = ".".join(str(p) for p in e["loc"])
@@ -335,9 +341,23 @@ def _format_error(err: ValidationError) -> SpecError:
         msg = "unknown key; remove it or check its spelling (see search_spaces/ for the allowed keys)"
     elif e["type"] == "missing":
         msg = "required field is missing"
+    elif e["type"] in _MAPPING_ERRORS:  # `data: 5`: pydantic's "valid dictionary or instance of DataConfig"
+        last = str(e["loc"][-1]) if e["loc"] else field
+        msg = f"must be a mapping (key: value lines indented under '{last}:'), got {_short(e.get('input'))}"
     elif "input" in e and e["type"] not in ("value_error", "assertion_error"):
         msg = f"{msg} (got {e['input']!r})"
     return SpecError(field, msg)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _kind(value: Any) -> str:
+    """'a list', 'a string', ...: what a YAML document held instead of a mapping."""
+    names = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
+    return names.get(type(value), f"a {type(value).__name__}")
 
 
 def builtin_spec_dir() -> Path:
@@ -352,23 +372,32 @@ def list_builtin_specs() -> list[str]:
     return sorted(p.stem for p in builtin_spec_dir().glob("*.yaml"))
 
 
+def _choices() -> str:
+    return f"give a YAML file or one of the built-in specs: {', '.join(list_builtin_specs())}"
+
+
 def resolve_spec_path(name_or_path: str | os.PathLike[str]) -> Path:
     """A path to a YAML file, or the name of a built-in spec (`cifar10`, `smoke`, ...)."""
     p = Path(name_or_path)
+    if p.is_dir():
+        inside = " (a run directory keeps its spec in spec.yaml)" if (p / "spec.yaml").is_file() else ""
+        raise SpecError("", f"'{p}' is a directory, not a spec file{inside}; {_choices()}")
     if p.suffix in (".yaml", ".yml") or p.exists():
         if not p.is_file():
-            raise SpecError("", f"spec file '{p}' not found; give a YAML path or one of: {', '.join(list_builtin_specs())}")
+            raise SpecError("", f"spec file '{p}' not found; {_choices()}")
         return p
     cand = builtin_spec_dir() / f"{p.name}.yaml"
-    if not cand.is_file():
-        raise SpecError("", f"unknown spec '{name_or_path}'; give a YAML path or one of: {', '.join(list_builtin_specs())}")
-    return cand
+    if cand.is_file():
+        return cand
+    if p.suffix or len(p.parts) > 1:  # looks like a path (spec.json, conf/x): a missing file, not a name
+        raise SpecError("", f"spec file '{p}' not found; {_choices()}")
+    raise SpecError("", f"unknown spec '{name_or_path}'; {_choices()}")
 
 
 def parse_spec(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> Spec:
     """Validate a spec dict (plus dotted-key overrides such as {'search.num_trials': 4})."""
     if not isinstance(data, dict):
-        raise SpecError("", "a spec must be a YAML mapping at the top level")
+        raise SpecError("", f"a spec must be a YAML mapping at the top level (got {_kind(data)})")
     data = _apply_overrides(data, overrides or {})
     try:
         return Spec.model_validate(data)
@@ -376,14 +405,45 @@ def parse_spec(data: dict[str, Any], overrides: dict[str, Any] | None = None) ->
         raise _format_error(err) from None
 
 
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text, or a `SpecError` saying why it cannot be (unreadable, binary, not UTF-8)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        fix = "make it readable (chmod +r)" if isinstance(err, PermissionError) else "give a readable YAML file"
+        raise SpecError("", f"cannot read spec file {path} ({err.strerror or type(err).__name__}); {fix}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SpecError("", f"{path} is not a UTF-8 text file (byte 0x{raw[err.start]:02x} at offset {err.start}); "
+                            "give a YAML spec file, saved as UTF-8") from None
+
+
+def _yaml_error(path: Path, err: yaml.YAMLError) -> SpecError:
+    """One line for any PyYAML error (a syntax error has a line mark; a bad character has an offset)."""
+    if isinstance(err, yaml.reader.ReaderError):  # a control character (e.g. NUL): the file is not plain text
+        code = err.character if isinstance(err.character, int) else ord(err.character)
+        return SpecError("", f"{path} is not valid YAML at offset {err.position}: unacceptable character "
+                             f"#x{code:04x} ({err.reason}); give a plain-text YAML spec file")
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}" if mark is not None else ""
+    problem = getattr(err, "problem", None) or str(err)
+    return SpecError("", f"{path} is not valid YAML{where}: {' '.join(str(problem).split())}")
+
+
 def load_spec(name_or_path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> Spec:
     path = resolve_spec_path(name_or_path)
+    text = _read_text(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise SpecError("", f"{path} is not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+        raise _yaml_error(path, err) from None
+    if data is None:
+        raise SpecError("", f"{path} is empty; a spec is a YAML mapping with name, teachers, student and search "
+                            f"(start from {builtin_spec_dir() / 'smoke.yaml'})")
+    if not isinstance(data, dict):
+        raise SpecError("", f"{path} holds {_kind(data)}, but a spec must be a YAML mapping at the top level "
+                            "(name: ..., teachers: ..., student: ..., search: ...)")
     return parse_spec(data, overrides)
 
 
@@ -405,7 +465,13 @@ def _apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[st
 
 def parse_override(text: str) -> tuple[str, Any]:
     """`--set search.num_trials=4` -> ('search.num_trials', 4); the value is parsed as YAML."""
-    if "=" not in text:
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not all(key.split(".")):
         raise SpecError("", f"override '{text}' must look like section.key=value")
-    key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
+    try:
+        return key, yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        raise SpecError(key, f"--set value {raw!r} is not valid YAML ({problem}); write a number, true/false, "
+                             "[a, b] for a list, or quote a string") from None

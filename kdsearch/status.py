@@ -12,6 +12,10 @@ from typing import Any
 
 import pandas as pd
 
+from .tables import FRONT_FORMAT, markdown_table, render_table  # noqa: F401  (report.py imports markdown_table here)
+
+# The pipeline's stages in order. Not read from `kdsearch.pipeline.STAGES`: importing the pipeline imports torch,
+# and `kdsearch status` must answer at once; tests/test_cli.py keeps the two equal.
 STAGE_ORDER = ("teachers", "baselines", "sensitivity", "search", "finalize", "report")
 
 
@@ -47,19 +51,27 @@ def run_spec(run_dir: Path) -> dict[str, Any]:
 
     p = run_dir / "spec.yaml"
     if p.is_file():
-        return yaml.safe_load(p.read_text()) or {}
+        try:
+            spec = yaml.safe_load(p.read_text()) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+            raise unreadable(p, err) from None
+        if not isinstance(spec, dict):
+            raise RunDirError(f"{p} is not a spec (a YAML mapping); the run wrote it, so it was changed since: "
+                              "restore it (manifest.json holds a copy) or delete it")
+        return spec
     return read_json(run_dir / "manifest.json").get("spec") or {}
 
 
-def stage_names() -> list[str]:
-    """The pipeline's stages in order, plus any later ones the pipeline does not list (yet)."""
-    try:
-        from .pipeline import STAGES
+def unreadable(path: Path, err: BaseException) -> RunDirError:
+    """One line for a run file that exists but cannot be read (torn by a copy, edited, no permission)."""
+    why = " ".join(str(err).split())[:200]
+    return RunDirError(f"cannot read {path} ({type(err).__name__}: {why}); kdsearch writes it atomically, so it "
+                       "was damaged outside kdsearch: copy the run directory again or rerun the stage that writes it")
 
-        names = [s.name for s in STAGES]
-    except ImportError:
-        names = []
-    return names + [s for s in STAGE_ORDER if s not in names]
+
+def stage_names() -> list[str]:
+    """The pipeline's stages in order."""
+    return list(STAGE_ORDER)
 
 
 def stage_rows(run_dir: Path) -> list[tuple[str, str, str]]:
@@ -86,24 +98,6 @@ def fmt_seconds(s: float) -> str:
     return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
-def markdown_table(df: pd.DataFrame, floatfmt: dict[str, str] | None = None) -> str:
-    """A small GitHub-markdown table (no tabulate dependency); NaN/None print as '-'."""
-    floatfmt = floatfmt or {}
-    head = "| " + " | ".join(map(str, df.columns)) + " |\n|" + "---|" * len(df.columns) + "\n"
-    lines = []
-    for row in df.itertuples(index=False):
-        cells = []
-        for col, v in zip(df.columns, row):
-            if v is None or (isinstance(v, float) and v != v) or v is pd.NA:
-                cells.append("-")
-            elif isinstance(v, float):
-                cells.append(format(v, floatfmt.get(col, ".4g")))
-            else:
-                cells.append(str(v))
-        lines.append("| " + " | ".join(cells) + " |")
-    return head + "\n".join(lines)
-
-
 def running_trials(run_dir: Path, epochs: int | None) -> pd.DataFrame:
     df = pd.read_parquet(run_dir / "search" / "results.parquet")
     run = df[df["status"] == "running"].copy()
@@ -113,10 +107,12 @@ def running_trials(run_dir: Path, epochs: int | None) -> pd.DataFrame:
     return run[["number", "trial_id", "epoch", "val_acc", "size_mb", "wall_s", "bits"]].reset_index(drop=True)
 
 
-def run_status(run_dir: str | Path, *, front_rows: int = 10) -> str:
-    """The multi-line status text of a run (raises `RunDirError` for a path that is not a run directory)."""
-    from .progress import finalize_line, format_search, search_progress
-    from .search.results import pareto_table
+def run_status(run_dir: str | Path, *, front_rows: int = 10, rich: bool = False) -> str:
+    """The multi-line status text of a run (raises `RunDirError` for a path that is not a run directory).
+
+    Tables are markdown, or drawn by rich when `rich` (a terminal; see `kdsearch.tables`).
+    """
+    from .progress import finalize_line
 
     p = check_run_dir(run_dir)
     spec = run_spec(p)
@@ -127,27 +123,41 @@ def run_status(run_dir: str | Path, *, front_rows: int = 10) -> str:
     width = max(len(n) for n, _, _ in stage_rows(p))
     for name, state, detail in stage_rows(p):
         out.append(f"  {name:<{width}}  {state:<11} {detail}".rstrip())
-    prog = search_progress(p, search.get("num_trials"), concurrency=search.get("max_concurrent"))
     out.append("")
-    if prog is None:
-        out.append("search: not started (no search/results.parquet yet)")
-    else:
-        out.append(format_search(prog))
-        running = running_trials(p, search.get("trial_epochs"))
-        if len(running):
-            out += ["", f"running trials ({len(running)}):", markdown_table(running)]
-        front = pareto_table(p)
-        more = f", the {front_rows} most accurate shown" if len(front) > front_rows else ""
-        out += ["", f"current Pareto front ({len(front)} trials{more}):"]
-        if len(front):
-            shown = front.sort_values("val_acc", ascending=False).head(front_rows).sort_values("size_mb")
-            out.append(markdown_table(shown.drop(columns=["trial_id"]), {"val_acc": ".2f", "size_mb": ".4f",
-                                                                         "avg_bits": ".2f", "wall_s": ".0f"}))
-        else:
-            out.append("(no completed trial yet)")
-    fin = finalize_line(p)
+    # A file torn by a copy or an edit is a user-facing error, not a traceback (pyarrow's ArrowInvalid is a ValueError).
+    try:
+        out += _search_lines(p, search, front_rows, rich)
+    except (OSError, ValueError) as err:
+        raise unreadable(p / "search", err) from None
+    try:
+        fin = finalize_line(p)
+    except (OSError, ValueError) as err:
+        raise unreadable(p / "final" / "progress.json", err) from None
     if fin is not None:
         out += ["", fin]
     if (p / "report.md").is_file():
         out += ["", f"report: {p / 'report.md'}"]
     return "\n".join(out) + "\n"
+
+
+def _search_lines(p: Path, search: dict[str, Any], front_rows: int, rich: bool) -> list[str]:
+    """The search part of the status: the progress line, the running trials and the current front."""
+    from .progress import format_search, search_progress
+    from .search.results import pareto_table
+
+    prog = search_progress(p, search.get("num_trials"), concurrency=search.get("max_concurrent"))
+    if prog is None:
+        return ["search: not started (no search/results.parquet yet)"]
+    out = [format_search(prog)]
+    running = running_trials(p, search.get("trial_epochs"))
+    if len(running):
+        out += ["", f"running trials ({len(running)}):", render_table(running, rich=rich)]
+    front = pareto_table(p)
+    more = f", the {front_rows} most accurate shown" if len(front) > front_rows else ""
+    out += ["", f"current Pareto front ({len(front)} trials{more}):"]
+    if len(front):
+        shown = front.sort_values("val_acc", ascending=False).head(front_rows).sort_values("size_mb")
+        out.append(render_table(shown.drop(columns=["trial_id"]), FRONT_FORMAT, rich=rich))
+    else:
+        out.append("(no completed trial yet)")
+    return out

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdsearch.data import Batch, EvalLoader, Normalizer, TrainLoader, load_data
+from kdsearch.data import Normalizer, TrainLoader, load_data
 from kdsearch.distill import (
     CacheMismatch,
     InProcessTeachers,

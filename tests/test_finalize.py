@@ -8,7 +8,6 @@ written by the search's own ResultsWriter from an Optuna study, and finalize). t
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import pandas as pd

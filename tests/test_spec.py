@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+from pathlib import Path
 
 import pytest
 import yaml
@@ -203,3 +204,101 @@ def test_student_resources(smoke):
     shared = parse_spec(smoke, {"student.gpus": 0.25, "student.cpus": 0.5})
     assert (shared.student.gpus, shared.student.cpus) == (0.25, 0.5)
     assert spec.fingerprint("teachers") == cpu_only.fingerprint("teachers")
+
+
+def test_static_model_names_match_the_registry():
+    """`kdsearch.spec` checks architecture names against a static list so that it never imports torch; the list
+    must be exactly the registry's, or a spec naming a new architecture would be refused (or a removed one taken)."""
+    from kdsearch.model_names import MODEL_NAMES
+    from kdsearch.models import list_models
+
+    assert sorted(MODEL_NAMES) == list_models(), "update kdsearch/model_names.py to the registry's names"
+
+
+def test_arch_check_uses_the_registry_once_it_is_loaded(smoke, monkeypatch):
+    """An architecture registered at run time (a plugin, a test) is accepted, as it was before the static list."""
+    import kdsearch.models.registry as registry
+    from kdsearch.models import register_model
+
+    monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))
+    register_model("runtime_only_net", tags=("small",))(lambda num_classes=10, **kw: None)
+    d = copy.deepcopy(smoke)
+    d["student"]["arch"] = "runtime_only_net"
+    assert parse_spec(d).student.arch == "runtime_only_net"
+
+
+MALFORMED_FILES = [  # (file name, bytes or None for a directory, what the one-line message must say)
+    ("png.yaml", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "not a UTF-8 text file (byte 0x89 at offset 0)"),
+    ("latin1.yaml", "name: café\n".encode("latin-1"), "not a UTF-8 text file (byte 0xe9 at offset 9)"),
+    ("nul.yaml", b"name: a\x00b\n", "unacceptable character #x0000"),
+    ("bad.yaml", b"name: [unclosed\n", "not valid YAML at line 2"),
+    ("empty.yaml", b"", "is empty"),
+    ("comments.yaml", b"# nothing yet\n", "is empty"),
+    ("list.yaml", b"- name: x\n- seed: 1\n", "holds a list, but a spec must be a YAML mapping"),
+    ("scalar.yaml", b"smoke\n", "holds a string, but a spec must be a YAML mapping"),
+    ("number.yaml", b"42\n", "holds a number"),
+    ("specdir", None, "is a directory, not a spec file"),
+    ("dir.yaml", None, "is a directory, not a spec file"),
+]
+
+
+@pytest.mark.parametrize("name,content,hint", MALFORMED_FILES, ids=[m[0] for m in MALFORMED_FILES])
+def test_malformed_spec_files_are_one_line_naming_the_file(tmp_path, name, content, hint):
+    path = tmp_path / name
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    with pytest.raises(SpecError) as ei:
+        load_spec(path)
+    msg = str(ei.value)
+    assert "\n" not in msg and str(path) in msg and hint in msg, msg
+
+
+def test_a_section_that_is_not_a_mapping_names_the_section(smoke):
+    d = copy.deepcopy(smoke)
+    d["data"] = 5
+    with pytest.raises(SpecError, match=r"^spec field 'data': must be a mapping .*under 'data:'.*got 5$"):
+        parse_spec(d)
+    with pytest.raises(SpecError, match=r"^a spec must be a YAML mapping at the top level \(got a list\)$"):
+        parse_spec([smoke])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("text,hint", [
+    ("search.budgets_mb=[1", "spec field 'search.budgets_mb': --set value '[1' is not valid YAML"),
+    ('name="x', "spec field 'name': --set value '\"x' is not valid YAML"),
+    ("=3", "override '=3' must look like section.key=value"),
+    ("search..num_trials=3", "must look like section.key=value"),
+    ("search.num_trials", "must look like section.key=value"),
+])
+def test_bad_overrides_are_one_line(text, hint):
+    with pytest.raises(SpecError) as ei:
+        parse_override(text)
+    assert "\n" not in str(ei.value) and hint in str(ei.value), str(ei.value)
+
+
+def test_missing_paths_and_unknown_names(tmp_path):
+    with pytest.raises(SpecError, match=r"spec file '.*missing\.json' not found; give a YAML file or one of the "
+                                        r"built-in specs: .*smoke"):
+        load_spec(tmp_path / "missing.json")
+    with pytest.raises(SpecError, match=r"spec file 'conf/nothing' not found"):
+        load_spec("conf/nothing")
+    with pytest.raises(SpecError, match=r"^unknown spec 'smok'; .*smoke"):
+        load_spec("smok")
+
+
+def test_unreadable_spec_file_says_so(tmp_path, monkeypatch):
+    """A permission error (simulated: tests may run as root, who reads any file) is one line naming the file."""
+    path = tmp_path / "secret.yaml"
+    path.write_text("name: x\n")
+    real = Path.read_bytes
+
+    def deny(self: Path) -> bytes:
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", deny)
+    with pytest.raises(SpecError, match=r"^cannot read spec file .*secret\.yaml \(Permission denied\); make it "
+                                        r"readable \(chmod \+r\)$"):
+        load_spec(path)

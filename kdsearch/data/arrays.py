@@ -13,16 +13,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..data_checks import DataError  # noqa: F401  (defined torch-free, for `kdsearch validate`; re-exported)
+
 # Per-channel statistics of the CIFAR train splits in [0, 1] pixel units (the true per-pixel std, not the
 # 0.2023/0.1994/0.2010 values that circulate from an early repository and are the std of image means).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
-
-
-class DataError(RuntimeError):
-    """Data that cannot be found, read or used; `str(err)` is one line that says how to fix it."""
 
 
 @dataclass(frozen=True)

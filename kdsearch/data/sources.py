@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import socket
 import tarfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,7 +19,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..io import atomic_path, stable_hash
+# check_data and its helpers are torch-free (kdsearch validate); re-exported here, where they always were
+from ..data_checks import (IMG_EXTENSIONS, _FOLDER_LAYOUT, _cache_file, _check_imagefolder,  # noqa: F401
+                           _cifar_missing, _cifar_present, _folder_base, _split_class, cache_dir, check_data,
+                           data_root)
+from ..io import atomic_path
 from .arrays import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, DataBundle, DataError,
                      ImageArrays, channel_stats)
 from .seeding import generator
@@ -30,26 +32,11 @@ from .synthetic import make_synthetic
 if TYPE_CHECKING:
     from ..spec import DataConfig
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-_CIFAR = {  # dataset -> (torchvision class name, folder torchvision extracts to, files in it, mean, std)
-    "cifar10": ("CIFAR10", "cifar-10-batches-py", ("data_batch_1", "test_batch", "batches.meta"),
-                CIFAR10_MEAN, CIFAR10_STD),
-    "cifar100": ("CIFAR100", "cifar-100-python", ("train", "test", "meta"), CIFAR100_MEAN, CIFAR100_STD),
+_CIFAR = {  # dataset -> (torchvision class name, mean, std); the files it needs are in data_checks
+    "cifar10": ("CIFAR10", CIFAR10_MEAN, CIFAR10_STD),
+    "cifar100": ("CIFAR100", CIFAR100_MEAN, CIFAR100_STD),
 }
-_FOLDER_LAYOUT = "a folder (or .tar.gz) with train/<class>/<image> and test/<class>/<image>"
 _SUBSET_STREAMS = {"train": 11, "test": 12, "val": 13}
-_CACHE_FORMAT = 2  # 2: image folders may carry a val/ split
-
-
-def data_root(cfg: DataConfig) -> Path:
-    """cfg.root, else $KDSEARCH_DATA, else ~/.cache/kdsearch/data."""
-    root = cfg.root or os.environ.get("KDSEARCH_DATA") or "~/.cache/kdsearch/data"
-    return Path(root).expanduser()
-
-
-def cache_dir() -> Path:
-    """$KDSEARCH_CACHE, else ~/.cache/kdsearch: where decoded image folders are kept."""
-    return Path(os.environ.get("KDSEARCH_CACHE") or "~/.cache/kdsearch").expanduser()
 
 
 # -- subsets --------------------------------------------------------------------------------------------
@@ -121,34 +108,10 @@ def _maybe_subset(arrays: ImageArrays, n: int | None, seed: int, split: str) -> 
 
 
 # -- CIFAR via torchvision -------------------------------------------------------------------------------
-def _cifar_missing(cfg: DataConfig, root: Path, why: str) -> DataError:
-    name = "CIFAR-10" if cfg.dataset == "cifar10" else "CIFAR-100"
-    folder = _CIFAR[cfg.dataset][1]
-    return DataError(
-        f"{name} not found under {root} ({why}); put torchvision's files there ({root}/{folder}/, i.e. the "
-        f"extracted official python tarball), or set data.download: true on a machine with internet, or set "
-        f"data.root / $KDSEARCH_DATA to a folder that has them, or use dataset: imagefolder with root: "
-        f"{_FOLDER_LAYOUT}".replace("\n", " ")
-    )
-
-
-def _cifar_present(cfg: DataConfig, root: Path) -> bool:
-    _, folder, files, _, _ = _CIFAR[cfg.dataset]
-    return all((root / folder / f).is_file() for f in files)
-
-
-def _online(host: str = "www.cs.toronto.edu", port: int = 443, timeout: float = 3.0) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def _load_cifar(cfg: DataConfig, seed: int) -> DataBundle:
     import torchvision
 
-    cls_name, _, _, mean, std = _CIFAR[cfg.dataset]
+    cls_name, mean, std = _CIFAR[cfg.dataset]
     root = data_root(cfg)
     present = _cifar_present(cfg, root)
     if not present and not cfg.download:
@@ -167,24 +130,6 @@ def _load_cifar(cfg: DataConfig, seed: int) -> DataBundle:
 
 
 # -- image folders and archives -------------------------------------------------------------------------
-def _split_class(parts: tuple[str, ...]) -> tuple[str, str] | None:
-    """('prefix', ..., 'train'|'val'|'test', class, file) -> (split, class), else None."""
-    if len(parts) >= 3 and parts[-3] in ("train", "val", "test") and parts[-1].lower().endswith(IMG_EXTENSIONS):
-        if not parts[-1].startswith("."):
-            return parts[-3], parts[-2]
-    return None
-
-
-def _folder_base(root: Path) -> Path:
-    """root itself when it holds train/ and test/, or its single subfolder that does (an extracted archive)."""
-    if (root / "train").is_dir() and (root / "test").is_dir():
-        return root
-    subs = [p for p in root.iterdir() if p.is_dir() and (p / "train").is_dir() and (p / "test").is_dir()]
-    if len(subs) == 1:
-        return subs[0]
-    raise DataError(f"imagefolder root {root} has no train/ and test/ folders; give {_FOLDER_LAYOUT}")
-
-
 def _folder_files(base: Path) -> list[tuple[str, str, Path]]:
     out = []
     for split in ("train", "val", "test"):
@@ -196,18 +141,6 @@ def _folder_files(base: Path) -> list[tuple[str, str, Path]]:
                 if sc and f.is_file():
                     out.append((split, cdir.name, f))
     return out
-
-
-def _identity(root: Path) -> tuple[str, str]:
-    """(name, key): a cheap fingerprint that changes when the archive or a class folder changes."""
-    if root.is_file():
-        st = root.stat()
-        return root.name.removesuffix(".gz").removesuffix(".tar").removesuffix(".tgz"), stable_hash(
-            [str(root.resolve()), st.st_size, st.st_mtime_ns, _CACHE_FORMAT])
-    base = _folder_base(root)
-    dirs = [(s, d.name, d.stat().st_mtime_ns, len(os.listdir(d)))
-            for s in ("train", "val", "test") if (base / s).is_dir() for d in sorted((base / s).iterdir()) if d.is_dir()]
-    return base.name, stable_hash([str(base.resolve()), dirs, _CACHE_FORMAT])
 
 
 def _decode(blob: bytes, where: str) -> torch.Tensor:
@@ -272,11 +205,6 @@ def decode_folder(root: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, meta
 
 
-def _cache_file(root: Path) -> tuple[Path, str]:
-    name, key = _identity(root)
-    return cache_dir() / "imagefolder" / f"{name}-{key}.safetensors", f"{name}:{key}"
-
-
 def _load_imagefolder(cfg: DataConfig, seed: int) -> DataBundle:
     root = _check_imagefolder(cfg)
     path, ident = _cache_file(root)
@@ -301,37 +229,6 @@ def _load_imagefolder(cfg: DataConfig, seed: int) -> DataBundle:
         raise DataError(f"data.num_classes is {cfg.num_classes} but {root} has {len(classes)} classes "
                         f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}); remove num_classes")
     return _bundle(cfg, seed, splits, classes, mean, std, f"imagefolder-v1:{ident}")  # type: ignore[arg-type]
-
-
-def _check_imagefolder(cfg: DataConfig) -> Path:
-    root = Path(cfg.root).expanduser()
-    if not root.exists():
-        raise DataError(f"imagefolder root {root} does not exist; give {_FOLDER_LAYOUT}")
-    if root.is_dir():
-        base = _folder_base(root)
-        for split in ("train", "test"):
-            if not any(p.is_dir() for p in (base / split).iterdir()):
-                raise DataError(f"imagefolder {base}/{split} has no class folders; give {_FOLDER_LAYOUT}")
-    elif not tarfile.is_tarfile(root):
-        raise DataError(f"imagefolder root {root} is neither a folder nor a tar archive; give {_FOLDER_LAYOUT}")
-    return root
-
-
-def _scan_archive(root: Path) -> None:
-    """Read member names until both splits have an image (no decoding): a malformed archive fails here."""
-    seen: set[str] = set()
-    try:
-        with tarfile.open(root, "r:*") as tf:
-            for m in tf:
-                sc = _split_class(tuple(m.name.split("/"))) if m.isfile() else None
-                if sc:
-                    seen.add(sc[0])
-                    if len(seen) == 2:
-                        return
-    except (tarfile.TarError, OSError, EOFError) as err:
-        raise DataError(f"cannot read archive {root} ({type(err).__name__}: {err}); give {_FOLDER_LAYOUT}") from err
-    raise DataError(f"archive {root} has no images under {', '.join({'train', 'test'} - seen)}/<class>/; "
-                    f"give {_FOLDER_LAYOUT}")
 
 
 # -- entry points ---------------------------------------------------------------------------------------
@@ -382,26 +279,3 @@ def load_data(cfg: DataConfig, seed: int | None = None) -> DataBundle:
                           f"{version}:{val_tag}")
     raise DataError(f"unknown dataset {ds!r}; choose cifar10, cifar100, imagefolder or synthetic")
 
-
-def check_data(cfg: DataConfig) -> None:
-    """Raise `DataError` now, before any compute, when `load_data(cfg)` could not find its data.
-
-    Cheap: file-existence checks, a directory listing, or reading archive member names until both splits
-    show up; no image is decoded. For CIFAR with `download: true` and no files it checks that the download
-    host is reachable.
-    """
-    ds = cfg.dataset
-    if ds in _CIFAR:
-        root = data_root(cfg)
-        if _cifar_present(cfg, root):
-            return
-        if not cfg.download:
-            raise _cifar_missing(cfg, root, "download: false")
-        if not _online():
-            raise _cifar_missing(cfg, root, "no internet to download it")
-    elif ds == "imagefolder":
-        root = _check_imagefolder(cfg)
-        if root.is_file() and not _cache_file(root)[0].is_file():
-            _scan_archive(root)
-    elif ds != "synthetic":
-        raise DataError(f"unknown dataset {ds!r}; choose cifar10, cifar100, imagefolder or synthetic")
