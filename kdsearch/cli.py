@@ -73,6 +73,10 @@ def _load(args: argparse.Namespace) -> tuple[Spec, RunContext]:
 
     check_spec(spec)
     check_data(spec.data)
+    if args.address is None:  # a cluster is checked once joined (kdsearch.pipeline)
+        from .raycluster import check_device
+
+        check_device(spec.device, None)
     ctx = RunContext.create(run_dir, device=spec.device, address=args.address)
     return spec, ctx
 

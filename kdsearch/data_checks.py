@@ -126,7 +126,7 @@ def _scan_archive(root: Path) -> None:
                 sc = _split_class(tuple(m.name.split("/"))) if m.isfile() else None
                 if sc:
                     seen.add(sc[0])
-                    if len(seen) == 2:
+                    if {"train", "test"} <= seen:
                         return
     except (tarfile.TarError, OSError, EOFError) as err:
         raise DataError(f"cannot read archive {root} ({type(err).__name__}: {err}); give {_FOLDER_LAYOUT}") from err

@@ -130,6 +130,10 @@ def _changed_fields(old: dict[str, Any] | None, new: dict[str, Any], reads: tupl
 
 def run_pipeline(spec: Spec, ctx: RunContext, only: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Run the stages that are not done yet, in order; return every stage's summary."""
+    if ctx.address is not None:
+        from .raycluster import check_device
+
+        check_device(spec.device, ctx.address)
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(ctx.run_dir)
     old_spec = manifest.get("spec")

@@ -59,3 +59,23 @@ def task_device(requested: str) -> Any:
         raise DeviceError("the spec asks for device: cuda but Ray gave this task no GPU; give the cluster GPU "
                           "workers or set device: auto")
     return torch.device("cpu")
+
+
+def check_device(requested: str, address: str | None) -> None:
+    """`device: cuda` needs GPUs where the work runs: this machine for the local Ray, the cluster's workers
+    otherwise (the driver's own node may have none). A one-line `DeviceError` before any compute."""
+    from .runtime import DeviceError
+
+    if requested != "cuda":
+        return
+    if address is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise DeviceError("the spec asks for device: cuda but this machine has no visible GPU; set device: auto "
+                              "or cpu, or join a GPU cluster with --address")
+        return
+    ensure_ray(address)
+    if cluster_gpus() == 0:
+        raise DeviceError(f"the spec asks for device: cuda but the Ray cluster at {address} has no GPUs; add GPU "
+                          "workers or set device: auto")

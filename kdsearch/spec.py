@@ -88,11 +88,17 @@ class DataConfig(_Cfg):
     def _absolute_root(cls, v: str | None) -> str | None:
         return _absolute(v)
 
-    @field_validator("val_size")
+    @field_validator("val_size", mode="before")
     @classmethod
-    def _val_size(cls, v: int | float) -> int | float:
-        if isinstance(v, bool) or (isinstance(v, int) and v < 1) or (isinstance(v, float) and not 0 < v < 1):
-            raise ValueError(f"val_size is a count >= 1 or a fraction in (0, 1) (got {v}); e.g. 0.1 or 5000")
+    def _val_size(cls, v: Any) -> int | float:
+        if isinstance(v, str):  # YAML and --set may hand numbers over as text ("0.2", "5000")
+            try:
+                v = float(v) if any(ch in v for ch in ".eE") else int(v)
+            except ValueError:
+                pass
+        ok = not isinstance(v, bool) and ((isinstance(v, int) and v >= 1) or (isinstance(v, float) and 0 < v < 1))
+        if not ok:
+            raise ValueError(f"val_size is a count >= 1 or a fraction in (0, 1) (got {v!r}); e.g. 0.1 or 5000")
         return v
 
     @model_validator(mode="after")
@@ -293,10 +299,7 @@ class Spec(_Cfg):
     @model_validator(mode="before")
     @classmethod
     def _seed_short_form(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "seed" in data:
-            if "seeds" in data:
-                raise ValueError("give either seed or seeds, not both (seeds: [0, 1, 2] trains every reported "
-                                 "model once per seed)")
+        if isinstance(data, dict) and "seed" in data and "seeds" not in data:
             data = {**data, "seeds": [data["seed"]]}
             del data["seed"]
         return data
@@ -399,10 +402,16 @@ def parse_spec(data: dict[str, Any], overrides: dict[str, Any] | None = None) ->
     if not isinstance(data, dict):
         raise SpecError("", f"a spec must be a YAML mapping at the top level (got {_kind(data)})")
     data = _apply_overrides(data, overrides or {})
+    if "seed" in data and "seeds" in data:
+        raise SpecError("seeds", "give either seed or seeds, not both (seeds: [0, 1, 2] trains every reported model "
+                                 "once per seed); remove seed")
     try:
         return Spec.model_validate(data)
     except ValidationError as err:
-        raise _format_error(err) from None
+        e = _format_error(err)
+        if "seed" in data and e.field.startswith("seeds"):  # the user wrote the short form: name it
+            raise SpecError("seed", str(e).split(": ", 1)[1]) from None
+        raise e from None
 
 
 def _read_text(path: Path) -> str:

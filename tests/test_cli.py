@@ -22,7 +22,7 @@ CASES = [
     (["validate", "smoke", "--set", "quant.bits=[8,7]"], "spec field 'quant.bits'"),
     (["validate", "smoke", "--set", "teachers.train.epochs=0"], "spec field 'teachers.train.epochs'"),
     (["validate", "smoke", "--set", "oops"], "section.key=value"),
-    (["validate", "smoke", "--device", "cuda"], "no GPU is visible"),
+    (["validate", "smoke", "--device", "cuda"], "no visible GPU"),
     (["validate", "smoke", "--set", "data.dataset=imagefolder", "--set", "data.root=/nonexistent/x",
       "--set", "data.num_classes=null"], "/nonexistent/x"),
     (["validate", "smoke", "--set", "data.dataset=cifar10", "--set", "data.download=false",
@@ -255,18 +255,18 @@ def test_status_and_pareto_print_the_same_markdown_tables_off_a_terminal(run_dir
     assert main(["status", str(run_dir)]) == 0
     status = capsys.readouterr().out
     assert "\x1b[" not in pareto + status  # no ANSI codes in a pipe or a file
-    assert pareto.splitlines()[:2] == ["| number | trial_id | acc | size_mb | avg_bits | epochs | wall_s | bits |",
+    assert pareto.splitlines()[:2] == ["| number | trial_id | val_acc | size_mb | avg_bits | epochs | wall_s | bits |",
                                        "|---|---|---|---|---|---|---|---|"]
     assert pareto.splitlines()[2:] == ["| 0 | t0 | 61.25 | 0.0150 | 5.00 | 1 | 30 | 8/4/8 |",
                                        "| 1 | t1 | 70.50 | 0.0180 | 6.50 | 1 | 31 | 8/8/8 |"]
     front = status.split("current Pareto front (2 trials):\n", 1)[1]
-    assert front.splitlines()[:4] == ["| number | acc | size_mb | avg_bits | epochs | wall_s | bits |",
+    assert front.splitlines()[:4] == ["| number | val_acc | size_mb | avg_bits | epochs | wall_s | bits |",
                                       "|---|---|---|---|---|---|---|",
                                       "| 0 | 61.25 | 0.0150 | 5.00 | 1 | 30 | 8/4/8 |",
                                       "| 1 | 70.50 | 0.0180 | 6.50 | 1 | 31 | 8/8/8 |"]
     assert main(["pareto", str(run_dir), "--brief"]) == 0
     brief = capsys.readouterr().out.splitlines()
-    assert brief[0] == "| number | trial_id | acc | size_mb | avg_bits | epochs | wall_s |"
+    assert brief[0] == "| number | trial_id | val_acc | size_mb | avg_bits | epochs | wall_s |"
 
 
 def test_on_a_terminal_both_draw_rich_tables_with_the_same_cells(run_dir, capsys, monkeypatch):

@@ -332,18 +332,12 @@ def test_stratified_split_rejects_an_out_of_range_count() -> None:
         assert "\n" not in str(err.value)
 
 
-@pytest.mark.xfail(strict=True, reason="product bug (kdsearch/data/sources.py stratified_split): the largest-"
-                   "remainder pass adds at most one image per class, so classes that cannot give (singletons) "
-                   "leave the split short of n_val although another class could give more")
 def test_stratified_split_fills_the_count_around_classes_that_cannot_give() -> None:
     labels = torch.tensor([0] * 10 + [1, 2, 3])  # 6 of 13: class 0 can give all 6 and keep 4
     tr, va = stratified_split(labels, 6, 0)
     assert len(va) == 6 and len(tr) == 7 and torch.bincount(labels[tr]).min() >= 1
 
 
-@pytest.mark.xfail(strict=True, reason="product bug (kdsearch/data/sources.py stratified_split): when no split "
-                   "can both hold n_val images and leave every class a training image it silently returns fewer "
-                   "(all-singleton classes: an empty validation split) instead of raising DataError")
 def test_stratified_split_refuses_an_impossible_count() -> None:
     with pytest.raises(DataError, match="val_size"):
         stratified_split(torch.arange(10), 3, 0)  # ten classes of one image: none can give one and keep one
@@ -393,9 +387,7 @@ SMOKE = builtin_spec_dir() / "smoke.yaml"
 @pytest.mark.parametrize("value,hint", [(0, "count >= 1"), (-3, "count >= 1"), (0.0, "fraction in (0, 1)"),
                                         (1.0, "fraction in (0, 1)"), (1.5, "fraction in (0, 1)"),
                                         (2.0, "fraction in (0, 1)"), ("lots", "lots"),
-                                        pytest.param(True, "count", marks=pytest.mark.xfail(
-                                            strict=True, reason="product bug (kdsearch/spec.py DataConfig._val_size):"
-                                            " pydantic turns true into 1 before the after-validator's bool check"))])
+                                        (True, "True")])
 def test_invalid_val_size_is_a_one_line_spec_error(value, hint) -> None:
     import yaml
 
@@ -546,9 +538,6 @@ def test_imagefolder_own_val_folder_is_the_val_split(tmp_path: Path) -> None:
         load_data(cfg)
 
 
-@pytest.mark.xfail(strict=True, reason="product bug (kdsearch/data/sources.py _scan_archive): it stops at the "
-                   "first two splits it sees, so an archive with train/ and val/ but no test/ passes check_data and "
-                   "only fails in load_data after decoding everything")
 def test_check_data_wants_test_in_an_archive_with_val(tmp_path: Path) -> None:
     root = tmp_path / "notest"
     for split in ("train", "val"):

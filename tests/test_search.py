@@ -91,7 +91,7 @@ def _drive(search: BudgetSearch, n: int, epochs: int, prune_every: int = 0) -> l
             break
         stop = epochs - 1 if prune_every and i % prune_every == 1 else epochs
         for e in range(1, stop + 1):
-            res = {"epoch": e, "acc": synthetic_accuracy(cfg["bits"], e, epochs), "size_mb": 0.0,
+            res = {"epoch": e, "val_acc": synthetic_accuracy(cfg["bits"], e, epochs), "size_mb": 0.0,
                    "time_total_s": 0.1 * e}
             res["size_mb"] = search.space.size_mb(cfg["bits"])
             search.on_trial_result(f"trial{i}", res)
@@ -117,7 +117,7 @@ def test_searcher_tells_optuna_pruned_infeasible_and_failed(tmp_path) -> None:
         if row["status"] == "pruned":  # stopped early: PRUNED, no values (not COMPLETE with its early acc)
             assert t.state == TrialState.PRUNED and t.values is None and row["epochs"] < 3
         elif row["status"] == "completed":
-            assert t.state == TrialState.COMPLETE and t.values[0] == pytest.approx(row["acc"]) and row["epochs"] == 3
+            assert t.state == TrialState.COMPLETE and t.values[0] == pytest.approx(row["val_acc"]) and row["epochs"] == 3
         elif row["status"] == "error":
             assert t.state == TrialState.FAIL
         elif row["status"] == "infeasible":
@@ -126,8 +126,8 @@ def test_searcher_tells_optuna_pruned_infeasible_and_failed(tmp_path) -> None:
     # a restore with resume_errored=True runs the errored trial again: its outcome lands on a copy
     failed = df.index[df["status"] == "error"][0]
     bits = search.study.trials[failed].user_attrs["bits"]
-    search.on_trial_result("trial2", {"epoch": 3, "acc": 77.0, "size_mb": space.size_mb(bits)})
-    search.on_trial_complete("trial2", {"epoch": 3, "acc": 77.0, "size_mb": space.size_mb(bits)})
+    search.on_trial_result("trial2", {"epoch": 3, "val_acc": 77.0, "size_mb": space.size_mb(bits)})
+    search.on_trial_complete("trial2", {"epoch": 3, "val_acc": 77.0, "size_mb": space.size_mb(bits)})
     after = read_results(tmp_path).set_index("number")
     copy = after[after["retry_of"] == failed]
     assert after.loc[failed, "status"] == "retried" and copy["status"].tolist() == ["completed"]

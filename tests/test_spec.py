@@ -185,9 +185,6 @@ def test_seed_and_seeds_together_is_one_line_error(smoke):
         parse_spec(smoke, {"seeds": [1, 2]})
 
 
-@pytest.mark.xfail(strict=True, reason="product bug (kdsearch/spec.py Spec._seed_short_form): the 'before' model "
-                   "validator raises at the top level, so the SpecError has field '' and no \"spec field 'seed'\" "
-                   "prefix, unlike every other spec error")
 def test_seed_and_seeds_together_names_the_field(smoke):
     d = copy.deepcopy(smoke)
     d["seeds"] = [0, 1]

@@ -69,31 +69,31 @@ def stratified_split(labels: torch.Tensor, n_val: int, seed: int) -> tuple[torch
 
     Each class gives round(n_val * its share) samples (largest remainders settle the rounding, so the total is
     exactly `n_val`), drawn by a seeded shuffle within the class; every class keeps at least one training image.
+    A request no split can meet (more than all classes can give) is a `DataError`, never a shorter split.
     """
     total = labels.numel()
-    if not 1 <= n_val < total:
-        raise DataError(f"the validation split needs 1 <= val_size < {total} training images (got {n_val}); "
-                        f"set data.val_size to a smaller count or fraction")
     lab = labels.cpu().numpy()
     classes, counts = np.unique(lab, return_counts=True)
+    room = int((counts - 1).sum())  # what the classes can give and keep one training image each
+    if not 1 <= n_val <= room:
+        raise DataError(f"the validation split needs 1 <= val_size <= {room} images here ({total} training images "
+                        f"in {len(classes)} classes, each keeping one; got {n_val}); set data.val_size smaller")
     exact = n_val * counts / total
     take = np.minimum(np.floor(exact).astype(np.int64), counts - 1)
     order = np.lexsort((classes, -(exact - take)))  # largest remainder first, ties by class id
-    for k in order:
-        if take.sum() >= n_val:
-            break
-        if take[k] < counts[k] - 1:
-            take[k] += 1
+    while take.sum() < n_val:  # as many passes as needed: a class that is full passes its turn on
+        for k in order:
+            if take.sum() >= n_val:
+                break
+            if take[k] < counts[k] - 1:
+                take[k] += 1
     g = generator(seed, n_val, total, _SUBSET_STREAMS["val"])
     perm = torch.randperm(total, generator=g).numpy()
-    val: list[np.ndarray] = []
-    for c, k in zip(classes, take):
-        members = perm[lab[perm] == c]  # this class in seeded order
-        val.append(members[:k])
-    val_idx = np.sort(np.concatenate(val)) if val else np.zeros(0, dtype=np.int64)
+    val = [perm[lab[perm] == c][:k] for c, k in zip(classes, take)]  # each class in seeded order
+    val_idx = np.sort(np.concatenate(val)).astype(np.int64)
     mask = np.ones(total, dtype=bool)
     mask[val_idx] = False
-    return torch.from_numpy(np.flatnonzero(mask)), torch.from_numpy(val_idx.astype(np.int64))
+    return torch.from_numpy(np.flatnonzero(mask)), torch.from_numpy(val_idx)
 
 
 def val_count(val_size: int | float, n: int) -> int:
