@@ -401,7 +401,10 @@ def parse_spec(data: dict[str, Any], overrides: dict[str, Any] | None = None) ->
     """Validate a spec dict (plus dotted-key overrides such as {'search.num_trials': 4})."""
     if not isinstance(data, dict):
         raise SpecError("", f"a spec must be a YAML mapping at the top level (got {_kind(data)})")
-    data = _apply_overrides(data, overrides or {})
+    overrides = overrides or {}
+    if "seeds" in overrides or "seed" in overrides:  # an override of either form replaces the file's seeds
+        data = {k: v for k, v in data.items() if k not in ("seed", "seeds")}
+    data = _apply_overrides(data, overrides)
     if "seed" in data and "seeds" in data:
         raise SpecError("seeds", "give either seed or seeds, not both (seeds: [0, 1, 2] trains every reported model "
                                  "once per seed); remove seed")

@@ -47,7 +47,7 @@ def _outputs(run_dir: Path) -> dict[str, object]:
     return {
         "stages": sorted(manifest["stages"]),
         "teachers": sorted(p.name for p in (run_dir / "teachers").glob("*.pt")),
-        "students": sorted(p.name for p in (run_dir / "students").glob("*.pt")),
+        "students": sorted(str(p.relative_to(run_dir)) for p in (run_dir / "students").rglob("*.pt")),
         "sensitivity": sorted(p.name for p in (run_dir / "sensitivity").iterdir() if not p.name.startswith(".")),
         "trials_launched": len(launched),
         "final_kinds": sorted(final["kind"]),

@@ -93,7 +93,9 @@ def run_trial(config: Mapping[str, Any], trials_dir: str | Path, space: SearchSp
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             rec.adopt(d)
-    attempt = {"start_epoch": rec.epochs_done, "trained": 0}
+    from ..raycluster import where
+
+    attempt = {"start_epoch": rec.epochs_done, "trained": 0, "node": where()}  # where each attempt ran
     rec.meta["attempts"].append(attempt)
     rec.save()
     t0, base_s = time.perf_counter(), float(rec.meta["seconds"])

@@ -83,6 +83,7 @@ def _finalize_task(spec_dict: dict[str, Any], run_dir: str, cand: dict[str, Any]
             log.info("finalize: %s seed %d is done (same inputs); skipping", c.id, seed)
             return {**old, "roles": list(c.roles), "reused": True}
     ckpt = rd.final_model(c.id, seed, ".ckpt")
+    attempts = _record_attempt(rd.final_model(c.id, seed, ".attempts.json"), key, ckpt)
     t0 = time.perf_counter()
     bundle = load_data(spec.data)
     teacher = None
@@ -116,13 +117,33 @@ def _finalize_task(spec_dict: dict[str, Any], run_dir: str, cand: dict[str, Any]
         "compression": size.compression, "epochs": cfg.epochs, "file": kdq.name,
         "source": spec.distill.source if c.kd else None, "seconds": time.perf_counter() - t0,
         "data_version": bundle.version, "inputs_key": key, "device": str(device), "node": where(),
-        "history": m["history"],
+        "attempts": attempts, "epochs_run": m["epochs_run"], "history": m["history"],
     }
     atomic_write_json(js, metrics)
     ckpt.unlink(missing_ok=True)
     log.info("finalize: %s seed %d: val %.2f%% (reloaded %.2f%%), test %.2f%%, %.4f MB (%d bytes on disk)", c.id, seed,
              m["val_acc"], export_val, test_acc, size.total_mb, file_bytes)
     return metrics
+
+
+def _record_attempt(path: Path, key: str, ckpt: Path) -> list[dict[str, Any]]:
+    """Append this attempt (the epoch its checkpoint lets it start from, the node) to `path`; return them all.
+
+    A task retried after its node died shows up as a second attempt that starts where the first one's last
+    per-epoch checkpoint left off: the record that no configuration is trained twice.
+    """
+    import torch
+
+    from ..raycluster import where
+
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    attempts = old.get("attempts", []) if old.get("inputs_key") == key else []
+    start = 0
+    if ckpt.is_file():
+        start = int(torch.load(ckpt, map_location="cpu", weights_only=True).get("epoch", 0))
+    attempts.append({"start_epoch": start, "node": where()})
+    atomic_write_json(path, {"inputs_key": key, "attempts": attempts})
+    return attempts
 
 
 def _cache_deps(spec: Spec, rd: RunDir, res: Resources) -> dict[int, list[Any]]:
