@@ -86,7 +86,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     spec, ctx = _load(args)
     summaries = run_pipeline(spec, ctx)
-    print(json.dumps({"run_dir": str(ctx.run_dir), "stages": summaries}, indent=2))
+    if args.json:  # for scripts: every stage's summary
+        print(json.dumps({"run_dir": str(ctx.run_dir), "stages": _without_history(summaries)}, indent=2, default=str))
+        return 0
+    from .report import run_answer
+    from .tables import stdout_is_terminal
+
+    print(run_answer(ctx.run_dir, rich=stdout_is_terminal()), end="")
     return 0
 
 
@@ -292,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run every stage that is not done yet (rerun to resume)")
     _spec_args(p)
+    p.add_argument("--json", action="store_true", help="print every stage's summary as JSON instead of the table")
     p.set_defaults(fn=cmd_run)
     p = sub.add_parser("train", help="train teachers or the student from scratch")
     _spec_args(p)

@@ -44,9 +44,8 @@ def train_loader(spec: Spec, bundle: DataBundle, seed: int, *, batch_size: int, 
     are only compared with each other.
     """
     from .data import TrainLoader
-    from .distill.cache import LogitCache
 
-    if isinstance(teacher, LogitCache):
+    if hasattr(teacher, "train_loader"):  # a source that replays its own stream (`distill.LogitCache`)
         if teacher.seed != loader_seed(spec, seed):
             raise ValueError(f"the logit cache holds stream {teacher.seed}, seed {seed}'s students read "
                              f"{loader_seed(spec, seed)}")

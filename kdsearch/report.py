@@ -341,6 +341,39 @@ def render_report(run_dir: str | Path) -> str:
     return "\n".join(out)
 
 
+def run_answer(run_dir: str | Path, *, rich: bool = False) -> str:
+    """What `kdsearch run` prints at the end: the seed's results table, the size lines, and the paths to open.
+
+    Built from the same functions as report.md, so the terminal and the report never disagree.
+    """
+    from .selection import export_default
+    from .tables import render_table
+
+    p = check_run_dir(run_dir)
+    rd = RunDir(p)
+    spec = run_spec(p)
+    student = _float_student(p)
+    final = _final(p)
+    table = seed_table(p, spec, student).drop(columns=["Model"])
+    budgets = [float(b) for b in (spec.get("search") or {}).get("budgets_mb") or []]
+    lines = [f"kdsearch: {spec.get('name', p.name)} (selected on validation, reported on test; test accuracy as "
+             f"mean ± std over seeds {rd.seeds()})", "", render_table(table, rich=rich), ""]
+    lines += [ln.replace("**", "").replace("`", "") for ln in _efficiency(final, p, student, budgets)]
+    lines += ["", f"report:      {rd.report_file}"]
+    if rd.report_html.is_file():
+        lines.append(f"interactive: {rd.report_html}")
+    if (rd.search_dir / "pareto.png").is_file():
+        lines.append(f"front plot:  {rd.search_dir / 'pareto.png'}")
+    pick = export_default(final, budgets) if final is not None else None
+    if pick is not None:
+        rows = final[final["id"] == pick["id"]].sort_values(["val_acc", "seed"], ascending=[False, True])
+        lines.append(f"to ship:     {rd.final_model(pick['id'], int(rows['seed'].iloc[0]))}  "
+                     f"(`kdsearch export {p}` copies it; --onnx for ONNX)")
+    if (rd.search_dir / "tune").is_dir():
+        lines.append(f"curves:      tensorboard --logdir {p}")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write runs/<name>/report.md (atomically) from the run's files; return its path."""
     p = check_run_dir(run_dir)

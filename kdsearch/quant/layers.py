@@ -83,7 +83,7 @@ class _QuantMixin:
         if self._bypass:
             return super().forward(x)  # type: ignore[misc]
         if torch.onnx.is_in_onnx_export():
-            from .onnx_export import qdq_operands
+            from .qdq import qdq_operands
 
             return self._op(*qdq_operands(self, x))
         with strict_fp32(x.device.type):
