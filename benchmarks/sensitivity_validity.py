@@ -19,7 +19,7 @@ from kdsearch.checkpoints import load_model
 from kdsearch.data import load_data, EvalLoader, Normalizer, TrainLoader
 from kdsearch.models import create_model
 from kdsearch.quant import BitConfig, model_size, quantize
-from kdsearch.train import evaluate, fit
+from kdsearch.train import FitRun, evaluate, fit
 from kdsearch.sensitivity import sensitivity_stage, fake_quant_weight, layer_names, resolve_pins
 from kdsearch.sensitivity.stage import calibration_indices
 from kdsearch.stages.train_models import train_scratch_student, model_seed
@@ -119,7 +119,7 @@ for name in order:
     ptq = evaluate(qm, test, norm, dev)["acc"]
     seed_everything(1)
     train = TrainLoader(bundle, spec.data, batch_size=128, seed=model_seed(spec, "resnet8"), device=dev)
-    r = fit(qm, train, test, spec.search.trial, normalizer=norm, device=dev, progress=False, desc=f"QAT {name}")
+    r = fit(qm, train, test, FitRun(spec.search.trial, normalizer=norm, device=dev, progress=False, desc=f"QAT {name}"))
     qres[name] = {"ptq_acc": ptq, "qat_acc": r.final["test_acc"], "seconds": time.perf_counter() - t0}
     save()
     print(name, qres[name], flush=True)

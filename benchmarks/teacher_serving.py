@@ -32,7 +32,7 @@ from kdsearch.models import create_model  # noqa: E402
 from kdsearch.raycluster import ensure_ray  # noqa: E402
 from kdsearch.runtime import resolve_device  # noqa: E402
 from kdsearch.spec import DataConfig, TrainConfig  # noqa: E402
-from kdsearch.train import fit  # noqa: E402
+from kdsearch.train import FitRun, fit  # noqa: E402
 
 
 def machine() -> dict[str, object]:
@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         """Wall time of one `fit` epoch with `source` (None: plain training, the student's own cost)."""
         torch.manual_seed(1)
         student = create_model(args.student, num_classes=10)
-        res = fit(student, loader, None, cfg, normalizer=norm, device=device, teacher=source,
-                  kd_loss=KDLoss("dynamic") if source is not None else None, progress=False, desc="bench")
+        res = fit(student, loader, None, FitRun(cfg, normalizer=norm, device=device, teacher=source,
+                  kd_loss=KDLoss("dynamic") if source is not None else None, progress=False, desc="bench"))
         return res.history[-1]["epoch_s"]
 
     load_before = os.getloadavg()

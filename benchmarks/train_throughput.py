@@ -20,7 +20,7 @@ import torch
 from kdsearch.data import Normalizer, TrainLoader, load_data
 from kdsearch.models import create_model
 from kdsearch.spec import DataConfig, TrainConfig
-from kdsearch.train import fit
+from kdsearch.train import FitRun, fit
 
 
 def machine() -> dict:
@@ -40,7 +40,7 @@ def measure(arch: str, device: torch.device, images: int, batch: int, bf16: bool
     loader = TrainLoader(bundle, data, batch_size=batch, seed=0, device=device)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    res = fit(model, loader, None, cfg, normalizer=Normalizer.from_bundle(bundle), device=device, progress=False)
+    res = fit(model, loader, None, FitRun(cfg, normalizer=Normalizer.from_bundle(bundle), device=device, progress=False))
     seconds = sum(h["epoch_s"] for h in res.history[1:])  # epoch 1 is warm-up
     return len(loader) * batch * epochs / seconds
 

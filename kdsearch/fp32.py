@@ -23,7 +23,7 @@ from .models import create_model
 from .recipes import float_model_key, kd_settings, model_seed, train_loader
 from .runtime import seed_everything
 from .spec import Spec, TrainConfig
-from .train import evaluate, fit
+from .train import FitRun, evaluate, fit
 
 log = logging.getLogger("kdsearch.fp32")
 
@@ -80,8 +80,8 @@ def train_float_model(spec: Spec, arch: str, cfg: TrainConfig, out: Path, *, see
 
         train = TrainLoader(bundle, spec.data, batch_size=cfg.batch_size, seed=model_seed(arch, seed), device=device)
     val = EvalLoader(bundle.val, batch_size=spec.data.eval_batch_size, device=device)
-    result = fit(model, train, val, cfg, normalizer=Normalizer.from_bundle(bundle), device=device,
-                 ckpt_path=out.with_suffix(".ckpt"), progress=progress, desc=f"{arch} s{seed}", resume_key=key)
+    result = fit(model, train, val, FitRun(cfg, normalizer=Normalizer.from_bundle(bundle), device=device,
+                 ckpt_path=out.with_suffix(".ckpt"), progress=progress, desc=f"{arch} s{seed}", resume_key=key))
     metrics = {"arch": arch, "kind": "scratch", "seed": seed, "epochs": cfg.epochs, "source": None,
                "params": sum(p.numel() for p in model.parameters()), "history": result.history}
     metrics = _finish(out, model, bundle, spec, key, metrics, device, cfg)
@@ -134,9 +134,9 @@ def train_kd_student(spec: Spec, run_dir: Path, out: Path, *, seed: int, strateg
     model = create_model(arch, num_classes=bundle.num_classes)
     loss = KDLoss.from_config(spec.distill, strategy, label_smoothing=cfg.label_smoothing)
     val = EvalLoader(bundle.val, batch_size=spec.data.eval_batch_size, device=device)
-    result = fit(model, train, val, cfg, normalizer=Normalizer.from_bundle(bundle), device=device,
+    result = fit(model, train, val, FitRun(cfg, normalizer=Normalizer.from_bundle(bundle), device=device,
                  ckpt_path=out.with_suffix(".ckpt"), teacher=teachers, kd_loss=loss, progress=progress,
-                 desc=f"{arch} KD-{strategy} s{seed}", resume_key=key)
+                 desc=f"{arch} KD-{strategy} s{seed}", resume_key=key))
     metrics = {"arch": arch, "kind": "kd", "seed": seed, "epochs": cfg.epochs, "strategy": strategy,
                "source": source, "temperature": loss.temperature, "alpha": loss.alpha,
                "params": sum(p.numel() for p in model.parameters()), "history": result.history}

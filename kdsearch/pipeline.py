@@ -81,7 +81,7 @@ def _finalize(spec: Spec, ctx: RunContext) -> dict[str, Any]:
 
 
 def _report(spec: Spec, ctx: RunContext) -> dict[str, Any]:
-    from .report import report_stage
+    from .stages.report import report_stage
 
     return report_stage(spec, ctx)
 

@@ -40,7 +40,7 @@ def qat_finetune(
     from .quant import BitConfig, quantize
     from .recipes import train_loader
     from .runtime import seed_everything
-    from .train import fit
+    from .train import FitRun, fit
 
     bundle = bundle if bundle is not None else load_data(spec.data)
     seed_everything(seed)
@@ -52,8 +52,8 @@ def qat_finetune(
                          epochs=cfg.epochs if fresh_views else None)
     kd = KDLoss.from_config(spec.distill, label_smoothing=cfg.label_smoothing) if teacher is not None else None
     val = EvalLoader(bundle.val, batch_size=spec.data.eval_batch_size, device=device)
-    result = fit(model, train, val, cfg, normalizer=Normalizer.from_bundle(bundle), device=device,
+    result = fit(model, train, val, FitRun(cfg, normalizer=Normalizer.from_bundle(bundle), device=device,
                  ckpt_path=ckpt_path, teacher=teacher, kd_loss=kd, progress=progress, desc=desc, on_epoch=on_epoch,
-                 resume_key=resume_key)
+                 resume_key=resume_key))
     return model, {"val_acc": float(result.final["val_acc"]), "history": result.history,
                    "epochs_run": result.epochs_run}

@@ -21,7 +21,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, **kwargs)
+        ray.init(address="local", num_cpus=num_cpus, **kwargs)  # never a `ray start` cluster by accident
     res = ray.cluster_resources()
     log.info("ray: %s with %s CPUs, %s GPUs", address or "local", res.get("CPU", 0), res.get("GPU", 0))
 

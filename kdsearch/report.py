@@ -1,7 +1,7 @@
 """report.md: the seed's results tables for a run, rebuilt from the run directory's files alone.
 
-    write_report(run_dir)      # runs/<name>/report.md; `kdsearch report RUN_DIR` calls this
-    report_stage(spec, ctx)    # the pipeline stage
+    write_report(run_dir)      # runs/<name>/report.md; `kdsearch report RUN_DIR` and the report stage call this
+    run_answer(run_dir)        # the terminal's version: what `kdsearch run` prints at its end
 
 Sources: spec.yaml/manifest.json, teachers/*.json, students/*.json (+ the student file's provenance),
 final/final.parquet, search/summary.json + pareto.parquet, sensitivity/priors.json. The plots are linked
@@ -25,11 +25,9 @@ from typing import Any
 
 import pandas as pd
 
-from .context import RunContext
 from .io import atomic_write_text
 from .rundir import RunDir, read_json
 from .selection import best_first, model_means
-from .spec import Spec
 from .status import check_run_dir, markdown_table, run_spec, stage_rows
 
 log = logging.getLogger("kdsearch.report")
@@ -381,8 +379,3 @@ def write_report(run_dir: str | Path) -> Path:
     atomic_write_text(out, render_report(p))
     log.info("report: %s", out)
     return out
-
-
-def report_stage(spec: Spec, ctx: RunContext) -> dict[str, Any]:
-    """Pipeline stage: (re)write report.md; cheap, so it runs whenever its inputs changed."""
-    return {"report": str(write_report(ctx.run_dir))}

@@ -136,45 +136,51 @@ def evaluate(
     return {"acc": 100.0 * correct / max(1, n), "loss": loss_sum / max(1, n)}
 
 
-@_fp32_if_quantized
-def fit(
-    model: nn.Module,
-    train: Any,
-    val: Iterable[Any] | None,
-    cfg: TrainConfig,
-    *,
-    normalizer: nn.Module,
-    device: torch.device,
-    ckpt_path: Path | None = None,
-    teacher: TeacherSource | None = None,
-    kd_loss: KDLoss | None = None,
-    on_epoch: Callable[[dict[str, float]], None] | None = None,
-    progress: bool | None = None,
-    desc: str = "train",
-    start_epoch_hook: Callable[[int], None] | None = None,
-    resume_key: str | None = None,
-) -> FitResult:
-    """Train `model` for cfg.epochs on `train` (a `kdsearch.data.TrainLoader`), resuming from `ckpt_path`.
-
-    `val` (a validation `EvalLoader`, never the test split: whatever reads the history makes choices from it)
-    is measured after every epoch as `val_acc` / `val_loss`. `teacher` + `kd_loss` turn the step into
-    distillation; `on_epoch` receives each epoch's metrics (Ray Tune trials report from it). Returns the full
-    history, restored epochs included.
+@dataclass(frozen=True)
+class FitRun:
+    """Everything one `fit` call needs besides the model and its data, in one typed place.
 
     `resume_key` is the caller's hash of every input that shapes the model besides `cfg` (data and
     augmentation, distillation settings, the teachers' files, the start model, bit configuration, pins,
     activation bits, seed): the checkpoint at `ckpt_path` is resumed only when it was written under the same
     key, so a crash followed by an edited spec starts over instead of finishing a model of other inputs.
+    `teacher` + `kd_loss` turn the step into distillation; `on_epoch` receives each epoch's metrics (Ray Tune
+    trials report from it); `start_epoch_hook(epoch)` runs before each epoch.
     """
-    if (teacher is None) != (kd_loss is None):
-        raise ValueError("teacher and kd_loss go together: pass both for KD, neither for plain training")
+
+    cfg: TrainConfig
+    normalizer: nn.Module
+    device: torch.device
+    ckpt_path: Path | None = None
+    resume_key: str | None = None
+    teacher: TeacherSource | None = None
+    kd_loss: KDLoss | None = None
+    desc: str = "train"
+    progress: bool | None = None
+    on_epoch: Callable[[dict[str, float]], None] | None = None
+    start_epoch_hook: Callable[[int], None] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.teacher is None) != (self.kd_loss is None):
+            raise ValueError("teacher and kd_loss go together: pass both for KD, neither for plain training")
+
+
+@_fp32_if_quantized
+def fit(model: nn.Module, train: Any, val: Iterable[Any] | None, run: FitRun) -> FitResult:
+    """Train `model` for run.cfg.epochs on `train` (a `kdsearch.data.TrainLoader`), resuming from run.ckpt_path.
+
+    `val` (a validation `EvalLoader`, never the test split: whatever reads the history makes choices from it)
+    is measured after every epoch as `val_acc` / `val_loss`. Returns the full history, restored epochs included.
+    """
+    cfg, device, desc, ckpt_path = run.cfg, run.device, run.desc, run.ckpt_path
+    teacher, kd_loss, on_epoch, start_epoch_hook = run.teacher, run.kd_loss, run.on_epoch, run.start_epoch_hook
     model.to(device=device, memory_format=_memory_format(device, cfg))
-    normalizer = normalizer.to(device)
+    normalizer = run.normalizer.to(device)
     optimizer = make_optimizer(model, cfg)
     steps_per_epoch = len(train)
     total_steps = cfg.epochs * steps_per_epoch
     run_key = stable_hash({"cfg": cfg.model_dump(mode="json"), "steps": steps_per_epoch, "kd": teacher is not None,
-                           "inputs": resume_key})
+                           "inputs": run.resume_key})
     result, start = FitResult(), 0
 
     if ckpt_path is not None and Path(ckpt_path).is_file():
@@ -189,7 +195,7 @@ def fit(
             log.warning("%s: checkpoint %s was made from other inputs (training settings, data, distillation, "
                         "teachers, bits or seed changed since); starting over", desc, ckpt_path)
 
-    show_bar = sys.stderr.isatty() if progress is None else progress
+    show_bar = sys.stderr.isatty() if run.progress is None else run.progress
     fmt = _memory_format(device, cfg)
     for epoch in range(start, cfg.epochs):
         if start_epoch_hook is not None:

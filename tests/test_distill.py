@@ -28,7 +28,7 @@ from kdsearch.distill import (
 from kdsearch.distill.strategies import ca_mkd_weights, entropy_weights
 from kdsearch.models import create_model
 from kdsearch.spec import DataConfig, TrainConfig, parse_spec
-from kdsearch.train import fit
+from kdsearch.train import FitRun, fit
 
 CPU = torch.device("cpu")
 DATA = DataConfig(dataset="synthetic", num_classes=10, train_size=256, test_size=64, num_workers=0)
@@ -211,8 +211,8 @@ def test_killing_a_teacher_actor_mid_run_loses_no_batch(bundle, pool, tmp_path) 
     src = _KillMidRun(pool, kill_at=1)
     cfg = TrainConfig(epochs=2, lr=0.05, batch_size=32)
     student = create_model("tiny_cnn", num_classes=10)
-    result = fit(student, loader, None, cfg, normalizer=Normalizer.from_bundle(bundle), device=CPU,
-                 teacher=src, kd_loss=KDLoss("dynamic"), progress=False)
+    result = fit(student, loader, None, FitRun(cfg, normalizer=Normalizer.from_bundle(bundle), device=CPU,
+                 teacher=src, kd_loss=KDLoss("dynamic"), progress=False))
     assert result.epochs_run == 2 and math.isfinite(result.final["train_loss"])
     assert len(src.seen) == 2 * len(loader)  # every batch of both epochs was distilled
     assert all(shape == (2, 32, 10) and finite for _, _, shape, finite in src.seen)

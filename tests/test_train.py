@@ -11,7 +11,7 @@ import torch
 from kdsearch.data import EvalLoader, Normalizer, TrainLoader, load_data
 from kdsearch.models import create_model
 from kdsearch.spec import DataConfig, TrainConfig
-from kdsearch.train import TrainingDiverged, evaluate, fit, lr_at
+from kdsearch.train import FitRun, TrainingDiverged, evaluate, fit, lr_at
 
 DATA = DataConfig(dataset="synthetic", num_classes=4, train_size=256, test_size=128, val_size=64, num_workers=0)
 CPU = torch.device("cpu")
@@ -29,8 +29,8 @@ def _run(bundle, cfg, ckpt=None, init_seed=0, resume_key=None, on_epoch=None):
     model = create_model("tiny_cnn", num_classes=bundle.num_classes)
     train = TrainLoader(bundle, DATA, batch_size=cfg.batch_size, seed=0)
     val = EvalLoader(bundle.val, batch_size=128)
-    return model, fit(model, train, val, cfg, normalizer=Normalizer.from_bundle(bundle), device=CPU,
-                      ckpt_path=ckpt, progress=False, resume_key=resume_key, on_epoch=on_epoch)
+    return model, fit(model, train, val, FitRun(cfg, normalizer=Normalizer.from_bundle(bundle), device=CPU,
+                      ckpt_path=ckpt, progress=False, resume_key=resume_key, on_epoch=on_epoch))
 
 
 def test_fit_learns_above_chance(bundle):
@@ -62,8 +62,8 @@ def test_resume_equals_uninterrupted(bundle, tmp_path):
     model = create_model("tiny_cnn", num_classes=bundle.num_classes)
     train = TrainLoader(bundle, DATA, batch_size=32, seed=0)
     with pytest.raises(Stop):
-        fit(model, train, EvalLoader(bundle.val, batch_size=128), cfg, normalizer=Normalizer.from_bundle(bundle),
-            device=CPU, ckpt_path=ckpt, progress=False, start_epoch_hook=stop_at, resume_key="k")
+        fit(model, train, EvalLoader(bundle.val, batch_size=128), FitRun(cfg, normalizer=Normalizer.from_bundle(bundle),
+            device=CPU, ckpt_path=ckpt, progress=False, start_epoch_hook=stop_at, resume_key="k"))
     assert ckpt.is_file()
     # different init seed: must be overwritten by resume
     model2, resumed = _run(bundle, cfg, ckpt=ckpt, init_seed=123, resume_key="k")
@@ -137,8 +137,8 @@ def test_checkpoint_of_other_training_settings_starts_over(bundle, tmp_path, cap
         _run(bundle, cfg, ckpt=ckpt, resume_key="a", on_epoch=_crash_after_first_epoch)
     torch.manual_seed(0)
     model = create_model("tiny_cnn", num_classes=bundle.num_classes)
-    res = fit(model, TrainLoader(bundle, DATA, batch_size=64, seed=0), EvalLoader(bundle.val, batch_size=128), cfg,
-              normalizer=Normalizer.from_bundle(bundle), device=CPU, ckpt_path=ckpt, progress=False, resume_key="a")
+    res = fit(model, TrainLoader(bundle, DATA, batch_size=64, seed=0), EvalLoader(bundle.val, batch_size=128), FitRun(cfg,
+              normalizer=Normalizer.from_bundle(bundle), device=CPU, ckpt_path=ckpt, progress=False, resume_key="a"))
     assert res.epochs_run == 2
 
 
@@ -160,15 +160,15 @@ def test_divergence_is_an_error(bundle, tmp_path):
         model.fc.weight[0, 0] = float("nan")  # poisons every logit, as an exploding run would
     ckpt = tmp_path / "m.ckpt"
     with pytest.raises(TrainingDiverged, match="lower the learning rate"):
-        fit(model, TrainLoader(bundle, DATA, batch_size=32, seed=0), None, TrainConfig(epochs=1),
-            normalizer=Normalizer.from_bundle(bundle), device=CPU, ckpt_path=ckpt, progress=False)
+        fit(model, TrainLoader(bundle, DATA, batch_size=32, seed=0), None, FitRun(TrainConfig(epochs=1),
+            normalizer=Normalizer.from_bundle(bundle), device=CPU, ckpt_path=ckpt, progress=False))
     assert not ckpt.exists()  # no poisoned checkpoint is written
 
 
 def test_kd_arguments_go_together(bundle):
     with pytest.raises(ValueError, match="go together"):
-        fit(create_model("tiny_cnn", 4), TrainLoader(bundle, DATA, batch_size=32, seed=0), None, TrainConfig(epochs=1),
-            normalizer=Normalizer.from_bundle(bundle), device=CPU, kd_loss=lambda s, t, y: s.sum())
+        fit(create_model("tiny_cnn", 4), TrainLoader(bundle, DATA, batch_size=32, seed=0), None, FitRun(TrainConfig(epochs=1),
+            normalizer=Normalizer.from_bundle(bundle), device=CPU, kd_loss=lambda s, t, y: s.sum()))
 
 
 # ---- precision: QAT phases compute as the exported model does (strict fp32), float phases may not -----------
@@ -218,8 +218,8 @@ def test_qat_phases_run_in_strict_fp32_and_float_phases_do_not(bundle, one_threa
     norm = Normalizer.from_bundle(bundle)
     val = EvalLoader(bundle.val, batch_size=128)
     train = TrainLoader(bundle, DATA, batch_size=64, seed=0)
-    res = fit(model, train, val, TrainConfig(epochs=1, lr=0.05, batch_size=64), normalizer=norm, device=CPU,
-              progress=False)
+    res = fit(model, train, val, FitRun(TrainConfig(epochs=1, lr=0.05, batch_size=64), normalizer=norm, device=CPU,
+              progress=False))
     evaluate(model, val, norm, CPU)
     expected = ("highest", False, True) if quantized else ("high", True, False)
     assert len(train) == 3 and len(val) == 1 and "val_acc" in res.final

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -68,13 +69,12 @@ def test_kd_student_and_scratch_student_see_identical_views_every_epoch(tmp_path
     streams: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
     real_fit = fp32.fit
 
-    def recording_fit(model, train, val, cfg, **kw):  # noqa: ANN001
-        desc = kw["desc"]
-        streams[desc] = [
+    def recording_fit(model, train, val, run):  # noqa: ANN001
+        streams[run.desc] = [
             (b.index.numpy().copy(), pixel_sums(b.images), b.labels.numpy().copy())
-            for e in range(cfg.epochs) for b in train.epoch(e)
+            for e in range(run.cfg.epochs) for b in train.epoch(e)
         ]
-        return real_fit(model, train, val, cfg, **kw)
+        return real_fit(model, train, val, run)
 
     monkeypatch.setattr(fp32, "fit", recording_fit)
     rd = RunDir(tmp_path)
@@ -129,11 +129,11 @@ def test_an_edited_input_between_crash_and_rerun_starts_over(tmp_path, monkeypat
     out = RunDir(tmp_path).student("kd", 0)
     real_fit = fp32.fit
 
-    def crashing_fit(*a, **kw):  # noqa: ANN002, ANN003
+    def crashing_fit(model, train, val, run):  # noqa: ANN001
         def on_epoch(m):  # noqa: ANN001
             if m["epoch"] == 1:
                 raise _Crash("killed after the first epoch's checkpoint")
-        return real_fit(*a, **kw, on_epoch=on_epoch)
+        return real_fit(model, train, val, dataclasses.replace(run, on_epoch=on_epoch))
 
     monkeypatch.setattr(fp32, "fit", crashing_fit)
     with pytest.raises(_Crash):

@@ -27,7 +27,7 @@ from kdsearch.models import create_model
 from kdsearch.runtime import seed_everything
 from kdsearch.spec import load_spec
 from kdsearch.stages.train_models import model_seed
-from kdsearch.train import evaluate, fit
+from kdsearch.train import FitRun, evaluate, fit
 
 HERE = Path(__file__).resolve().parent
 ASSETS = HERE.parent / "assets" / "cifar10_jpeg"
@@ -60,8 +60,8 @@ def main() -> None:
         model = create_model(t.arch, num_classes=bundle.num_classes)
         train = TrainLoader(bundle, spec.data, batch_size=cfg.batch_size, seed=seed, device=device)
         t0 = time.time()
-        res = fit(model, train, val, cfg, normalizer=norm, device=device,
-                  ckpt_path=Path("/tmp") / f"kdsearch-evidence-{t.arch}.ckpt", desc=t.arch)
+        res = fit(model, train, val, FitRun(cfg, normalizer=norm, device=device,
+                  ckpt_path=Path("/tmp") / f"kdsearch-evidence-{t.arch}.ckpt", desc=t.arch))
         test_acc = evaluate(model, test, norm, device)["acc"]
         metrics = {"arch": t.arch, "val_acc": res.final["val_acc"], "test_acc": test_acc, "epochs": cfg.epochs,
                    "params": sum(p.numel() for p in model.parameters()), "history": res.history,

@@ -34,7 +34,7 @@ from ..recipes import model_seed
 from ..rundir import RunDir
 from ..runtime import seed_everything
 from ..spec import Spec
-from ..train import evaluate, fit
+from ..train import FitRun, evaluate, fit
 
 log = logging.getLogger("kdsearch.stages.students")
 
@@ -77,8 +77,8 @@ def quantized_accuracy(
     qat_cfg = spec.search.trial
     train = TrainLoader(bundle, spec.data, batch_size=qat_cfg.batch_size, seed=model_seed(arch, spec.seed),
                         device=device)
-    result = fit(model, train, val, qat_cfg, normalizer=norm, device=device, ckpt_path=ckpt,
-                 desc=f"{arch} QAT w{bits}", resume_key=stable_hash({"model": file_digest(model_file), "bits": bits}))
+    result = fit(model, train, val, FitRun(qat_cfg, normalizer=norm, device=device, ckpt_path=ckpt,
+                 desc=f"{arch} QAT w{bits}", resume_key=stable_hash({"model": file_digest(model_file), "bits": bits})))
     size = model_size(model)
     return {"ptq_acc": ptq, "qat_acc": float(result.final["val_acc"]), "size_mb": size.total_mb,
             "avg_bits": size.avg_bits}
