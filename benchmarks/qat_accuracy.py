@@ -27,6 +27,7 @@ from kdsearch.quant import BitConfig, layer_inventory, model_size
 from kdsearch.runtime import resolve_device
 from kdsearch.sensitivity.costs import resolve_pins
 from kdsearch.spec import load_spec
+from kdsearch.rundir import RunDir
 from kdsearch.train import evaluate
 
 
@@ -48,9 +49,9 @@ def main() -> None:
     args = ap.parse_args()
     spec = load_spec(args.run_dir / "spec.yaml")
     device = resolve_device(spec.device)
-    student = args.run_dir / "students" / f"{args.student}.pt"
+    student = RunDir(args.run_dir).student(args.student, spec.seed)
     bundle = load_data(spec.data)
-    test = EvalLoader(bundle.test, batch_size=spec.data.eval_batch_size, device=device)
+    test = EvalLoader(bundle.val, batch_size=spec.data.eval_batch_size, device=device)  # compares configs: validation
     norm = Normalizer.from_bundle(bundle)
     model, _ = load_model(student)
     float_acc = evaluate(model.to(device), test, norm, device)["acc"]
@@ -66,10 +67,11 @@ def main() -> None:
     print(f"{'float':14s} {rows[0]['size_mb']:9.4f} {32.0:8.2f} {float_acc:7.2f} {0.0:8.2f}", flush=True)
     for name, bits in configs.items():
         t0 = time.perf_counter()
-        qmodel, m = qat_finetune(spec, student, bits, cfg, device=device, bundle=bundle, desc=f"QAT {name}")
+        qmodel, m = qat_finetune(spec, student, bits, cfg, device=device, seed=spec.seed, bundle=bundle,
+                                 desc=f"QAT {name}")
         size = model_size(qmodel)
-        row = {"config": name, "size_mb": size.total_mb, "avg_bits": size.avg_bits, "acc": m["acc"],
-               "delta": m["acc"] - float_acc, "seconds": time.perf_counter() - t0, "bits": dict(bits)}
+        row = {"config": name, "size_mb": size.total_mb, "avg_bits": size.avg_bits, "acc": m["val_acc"],
+               "delta": m["val_acc"] - float_acc, "seconds": time.perf_counter() - t0, "bits": dict(bits)}
         rows.append(row)
         print(f"{name:14s} {row['size_mb']:9.4f} {row['avg_bits']:8.2f} {row['acc']:7.2f} {row['delta']:8.2f}",
               flush=True)

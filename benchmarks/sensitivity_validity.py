@@ -20,9 +20,11 @@ from kdsearch.data import load_data, EvalLoader, Normalizer, TrainLoader
 from kdsearch.models import create_model
 from kdsearch.quant import BitConfig, model_size, quantize
 from kdsearch.train import FitRun, evaluate, fit
-from kdsearch.sensitivity import sensitivity_stage, fake_quant_weight, layer_names, resolve_pins
-from kdsearch.sensitivity.stage import calibration_indices
-from kdsearch.stages.train_models import train_scratch_student, model_seed
+from kdsearch.sensitivity import fake_quant_weight, layer_names, resolve_pins, calibration_indices
+from kdsearch.stages.sensitivity import sensitivity_stage
+from kdsearch.fp32 import train_float_model
+from kdsearch.recipes import model_seed
+from kdsearch.rundir import RunDir
 from kdsearch.runtime import seed_everything
 
 setup_logging()
@@ -48,12 +50,13 @@ spec_dict = {
 }
 spec = parse_spec(spec_dict)
 dev = torch.device("cpu")
-ctx = RunContext(OUT / "runs" / "sens_cifar", dev, progress=False)
+ctx = RunContext.create(OUT / "runs" / "sens_cifar", device="cpu", progress=False)
+student_file = RunDir(ctx.run_dir).student("scratch", 0)
 res["spec"] = spec.to_dict(); res["torch_threads"] = torch.get_num_threads(); save()
 
 t0 = time.perf_counter()
-m = train_scratch_student(spec, ctx)
-res.setdefault("float_train_s", time.perf_counter() - t0); res["float_acc_train_stage"] = m["test_acc"]; save()
+m = train_float_model(spec, "resnet8", spec.student.train, student_file, seed=0, device=dev)
+res.setdefault("float_train_s", time.perf_counter() - t0); res["float_val_acc_train_stage"] = m["val_acc"]; save()
 
 t0 = time.perf_counter()
 summary = sensitivity_stage(spec, ctx)
@@ -62,8 +65,8 @@ table = pd.read_parquet(ctx.run_dir / "sensitivity" / "sensitivity.parquet")
 
 bundle = load_data(spec.data)
 norm = Normalizer.from_bundle(bundle)
-test = EvalLoader(bundle.test, batch_size=500, device=dev)
-model, _ = load_model(ctx.run_dir / "students" / "scratch.pt")
+test = EvalLoader(bundle.val, batch_size=500, device=dev)  # a study that ranks layers: on validation, never test
+model, _ = load_model(student_file)
 model.eval()
 if "layer_drops" not in res:
     t0 = time.perf_counter()
@@ -114,13 +117,13 @@ for name in order:
     if name in qres:
         continue
     t0 = time.perf_counter()
-    qm, _ = load_model(ctx.run_dir / "students" / "scratch.pt")
+    qm, _ = load_model(student_file)
     quantize(qm, BitConfig(configs[name]), act_bits=8, calib=calib)
     ptq = evaluate(qm, test, norm, dev)["acc"]
     seed_everything(1)
     train = TrainLoader(bundle, spec.data, batch_size=128, seed=model_seed(spec, "resnet8"), device=dev)
     r = fit(qm, train, test, FitRun(spec.search.trial, normalizer=norm, device=dev, progress=False, desc=f"QAT {name}"))
-    qres[name] = {"ptq_acc": ptq, "qat_acc": r.final["test_acc"], "seconds": time.perf_counter() - t0}
+    qres[name] = {"ptq_acc": ptq, "qat_acc": r.final["val_acc"], "seconds": time.perf_counter() - t0}
     save()
     print(name, qres[name], flush=True)
 print("done")
