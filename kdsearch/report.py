@@ -349,7 +349,7 @@ def write_report(run_dir: str | Path) -> Path:
     log.info("report: %s", out)
     from .report_html import write_report_html  # report.html beside it (skipped, with a log line, without plotly)
 
-    write_report_html(p)
+    write_report_html(p, seed_table(p, run_spec(p), _float_student(p)))
     return out
 
 

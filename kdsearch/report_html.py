@@ -1,10 +1,11 @@
 """report.html: the run's report as one self-contained interactive page, beside report.md.
 
-    write_report_html(run_dir)   # runs/<name>/report.html; `kdsearch.report.write_report` calls it
+    write_report_html(run_dir, table)   # runs/<name>/report.html; `kdsearch.report.write_report` calls it
 
 Why these figures: they are Optuna's own plots (`plot_pareto_front`, `plot_param_importances`,
 `plot_optimization_history`) drawn over the search's Optuna study, plus a plotly heat map of the sensitivity
-table and the seed's results table of report.md. Using Optuna's plots means the page shows what Optuna itself
+table and the seed's results table of report.md (`table`: kdsearch.report builds it and hands it over, so
+that the two modules do not import each other). Using Optuna's plots means the page shows what Optuna itself
 computes (its Pareto front, its PED-ANOVA importances) instead of a second, hand-drawn reading of the study.
 
 Where the study comes from: the search keeps it in an Optuna journal (search/optuna-journal.log); a run
@@ -35,7 +36,6 @@ import pandas as pd
 
 from .io import atomic_write_text
 from .pareto import ACC, SIZE
-from .report import NOT_RUN
 from .rundir import RunDir
 
 if TYPE_CHECKING:
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kdsearch.report")
 
+NOT_RUN = "not run yet"  # report.md's words (this module is imported by kdsearch.report, never the reverse)
 JOURNAL = "optuna-journal.log"  # search/<this>: where the search keeps its Optuna study
 VALUE_NAMES = ["size (MB)", "validation accuracy (%)"]  # the Pareto plot's axes: x = size, y = accuracy
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1300px;color:#222;padding:0 1em}
@@ -276,14 +277,6 @@ def _figure(fig: "go.Figure", name: str) -> str:
     return f'<div class="figure" data-figure="{name}">{body}</div>'
 
 
-def _table_section(run_dir: Path, spec: dict[str, Any]) -> str:
-    """The seed's results table of report.md (same rows, same cells) as an HTML table."""
-    from .report import _float_student, seed_table
-
-    table = seed_table(run_dir, spec, _float_student(run_dir))
-    return table.to_html(index=False, classes="results", border=0, escape=True)
-
-
 def _search_sections(run_dir: Path, budgets: list[float]) -> list[str]:
     study, source = load_view_study(run_dir)
     if study is None:
@@ -310,8 +303,8 @@ def _search_sections(run_dir: Path, budgets: list[float]) -> list[str]:
     return out
 
 
-def render_html(run_dir: str | Path) -> str:
-    """The whole page (see the module doc)."""
+def render_html(run_dir: str | Path, table: pd.DataFrame) -> str:
+    """The whole page (see the module doc); `table` is report.md's results table (`kdsearch.report.seed_table`)."""
     import plotly.offline
 
     from .status import check_run_dir, run_spec
@@ -325,7 +318,7 @@ def render_html(run_dir: str | Path) -> str:
              f'<p class="note">Written {time.strftime("%Y-%m-%d %H:%M:%S")} from the run directory; the full '
              'text report is <a href="report.md">report.md</a>. Every choice was made on the validation split; '
              "test accuracy is read once per listed model.</p>",
-             "<h2>Results</h2>", _table_section(p, spec),
+             "<h2>Results</h2>", table.to_html(index=False, classes="results", border=0, escape=True),
              '<p class="note">Test acc.: mean ± sample std over the n seeds; Val acc.: what ranked the model; '
              "Size: the size model (MB = 10^6 bytes); File: the exported .kdq on disk.</p>",
              *_search_sections(p, budgets),
@@ -336,12 +329,12 @@ def render_html(run_dir: str | Path) -> str:
             + "\n".join(parts) + "\n</body></html>\n")
 
 
-def write_report_html(run_dir: str | Path) -> Path | None:
+def write_report_html(run_dir: str | Path, table: pd.DataFrame) -> Path | None:
     """Write runs/<name>/report.html atomically; None (and a log line) where plotly is not installed."""
     if not have_plotly():
         log.info("report: plotly is not installed; skipping report.html (pip install 'plotly>=5.18')")
         return None
     out = RunDir(run_dir).report_html
-    atomic_write_text(out, render_html(run_dir))
+    atomic_write_text(out, render_html(run_dir, table))
     log.info("report: %s", out)
     return out

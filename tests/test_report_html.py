@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from kdsearch import report_html
-from kdsearch.report import write_report
+from kdsearch.report import _float_student, seed_table, write_report
 from kdsearch.report_html import JOURNAL, load_view_study, render_html
 from test_finalize import BUDGET, SMALL_BUDGET, build_run, tiny_spec
 
@@ -32,6 +32,13 @@ def page(run) -> Path:
     _, ctx = run
     write_report(ctx.run_dir)
     return ctx.run_dir / "report.html"
+
+
+def _render(run_dir: Path) -> str:
+    """report.html's text, with report.md's table as write_report hands it over."""
+    from kdsearch.status import run_spec
+
+    return render_html(run_dir, seed_table(run_dir, run_spec(run_dir), _float_student(run_dir)))
 
 
 def _figures(text: str) -> list[str]:
@@ -98,7 +105,7 @@ def test_journal_study_is_read_when_the_search_wrote_one(run, tmp_path) -> None:
     assert [t.state for t in view.trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE,
                                               TrialState.FAIL]
     assert view.trials[2].user_attrs["bits"] == "conv1 8, conv2 16, conv3 4, fc 8"
-    text = render_html(run_dir)
+    text = _render(run_dir)
     assert _figures(text) == ["pareto", "importance", "history"]
     assert "the search's Optuna journal (search/optuna-journal.log)" in text
 
@@ -112,7 +119,7 @@ def _partial_run(tmp_path: Path) -> Path:
 
 def test_partial_runs_say_not_run_yet(tmp_path) -> None:
     run_dir = _partial_run(tmp_path)
-    text = render_html(run_dir)
+    text = _render(run_dir)
     assert _figures(text) == []
     for part in ("Search: accuracy vs size", "Which layers matter", "Search history", "Layer sensitivity"):
         assert re.search(f"<h2>{part}</h2>\\s*<p class=\"missing\">not run yet</p>", text), part
@@ -123,7 +130,7 @@ def test_partial_runs_say_not_run_yet(tmp_path) -> None:
     pd.DataFrame([{"number": 0, "status": "completed", "val_acc": 40.0, "size_mb": 0.03, "avg_bits": 7.0, **bits},
                   {"number": 1, "status": "running", "val_acc": float("nan"), "size_mb": 0.04, "avg_bits": 8.0,
                    **bits}]).to_parquet(run_dir / "search" / "results.parquet")
-    text = render_html(run_dir)
+    text = _render(run_dir)
     assert _figures(text) == ["pareto", "history"]
     assert "needs at least 2 completed trials (1 so far)" in text
 
