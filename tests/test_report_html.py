@@ -57,6 +57,7 @@ def test_report_html_beside_report_md_with_every_part(run, page) -> None:
         assert row in text  # the seed's table of report.md, as HTML
     assert "rebuilt from search/results.parquet" in text  # this run has no journal
     assert "conv1 8, conv2 16, conv3 8, fc 8" in text  # trial 1's per-layer bits, in the Pareto hover text
+    assert "pruned (last accuracy)" in text and "trial 2 (pruned)" in text  # trial 2 stopped early: drawn too
     for budget in (BUDGET, SMALL_BUDGET):  # the spec's size budgets, drawn on the front
         assert f"budget {budget:g} MB" in text
 
