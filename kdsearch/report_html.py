@@ -46,6 +46,7 @@ log = logging.getLogger("kdsearch.report")
 
 NOT_RUN = "not run yet"  # report.md's words (this module is imported by kdsearch.report, never the reverse)
 JOURNAL = "optuna-journal.log"  # search/<this>: where the search keeps its Optuna study
+OLD_ACC = "acc"  # what runs searched before validation accuracy got its own name call it
 VALUE_NAMES = ["size (MB)", "validation accuracy (%)"]  # the Pareto plot's axes: x = size, y = accuracy
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1300px;color:#222;padding:0 1em}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
@@ -79,7 +80,8 @@ def _journal_samples(path: Path) -> list[dict[str, Any]]:
         a = t.user_attrs
         status = a.get("status") or {"COMPLETE": "completed", "PRUNED": "pruned", "FAIL": "error"}.get(
             t.state.name, t.state.name.lower())
-        out.append({"number": t.number, "status": status, ACC: a.get(ACC, t.values[0] if t.values else math.nan),
+        acc = a.get(ACC, a.get(OLD_ACC, t.values[0] if t.values else math.nan))
+        out.append({"number": t.number, "status": status, ACC: acc,
                     SIZE: a.get(SIZE, math.nan), "avg_bits": a.get("avg_bits", math.nan),
                     "bits": dict(a.get("bits") or t.params), "params": dict(t.params),
                     "distributions": dict(t.distributions)})
@@ -97,7 +99,7 @@ def _table_samples(results: pd.DataFrame) -> list[dict[str, Any]]:
     out = []
     for r in results.sort_values("number").to_dict("records"):
         bits = {c.removeprefix("bits."): int(r[c]) for c in cols}
-        out.append({"number": int(r["number"]), "status": str(r["status"]), ACC: r.get(ACC, math.nan),
+        out.append({"number": int(r["number"]), "status": str(r["status"]), ACC: r.get(ACC, r.get(OLD_ACC, math.nan)),
                     SIZE: r.get(SIZE, math.nan), "avg_bits": r.get("avg_bits", math.nan), "bits": bits,
                     "params": {n: b for n, b in bits.items() if n in dists}, "distributions": dists})
     return out

@@ -165,3 +165,14 @@ def test_every_figure_is_drawn_in_a_browser(page, tmp_path) -> None:
     for f in figures:  # each figure's own div holds a drawn plot
         assert 'class="plot-container plotly"' in f and 'class="main-svg"' in f
     assert dom.count('class="plot-container plotly"') == len(FIGURES)
+
+
+def test_runs_searched_before_the_val_acc_name_still_plot(tmp_path) -> None:
+    """Older runs (and search branches) record validation accuracy as `acc`: read it under that name too."""
+    from kdsearch.report_html import _table_samples, view_study
+
+    bits = {"bits.conv1": 8, "bits.conv2": 8, "bits.conv3": 4, "bits.fc": 8}
+    old = pd.DataFrame([{"number": 0, "status": "completed", "acc": 40.0, "size_mb": 0.03, "avg_bits": 7.0, **bits},
+                        {"number": 1, "status": "pruned", "acc": 20.0, "size_mb": 0.03, "avg_bits": 7.0, **bits}])
+    study = view_study(_table_samples(old))
+    assert study.trials[0].values == [40.0, 0.03] and study.trials[1].user_attrs["val_acc"] == 20.0
