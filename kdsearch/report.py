@@ -373,9 +373,12 @@ def run_answer(run_dir: str | Path, *, rich: bool = False) -> str:
 
 
 def write_report(run_dir: str | Path) -> Path:
-    """Write runs/<name>/report.md (atomically) from the run's files; return its path."""
+    """Write runs/<name>/report.md and report.html (atomically) from the run's files; return report.md's path."""
     p = check_run_dir(run_dir)
     out = p / "report.md"
     atomic_write_text(out, render_report(p))
     log.info("report: %s", out)
+    from .report_html import write_report_html  # report.html beside it (skipped, with a log line, without plotly)
+
+    write_report_html(p, seed_table(p, run_spec(p), _float_student(p)))
     return out
