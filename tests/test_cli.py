@@ -186,7 +186,7 @@ MALFORMED = {  # id -> (files to write: name -> bytes, None = a folder; argv wit
                 "spec field 'search.num_trials': Input should be a valid integer"),
     "set-list": ({}, ["validate", "smoke", "--set", "quant.bits=8"], "spec field 'quant.bits'"),
     "set-section": ({}, ["validate", "smoke", "--set", "data=5"], "spec field 'data': must be a mapping"),
-    "set-inside-scalar": ({}, ["validate", "smoke", "--set", "seed.x=1"], "cannot override inside 'seed'"),
+    "set-inside-scalar": ({}, ["validate", "smoke", "--set", "device.x=1"], "cannot override inside 'device'"),
     "set-bad-yaml": ({}, ["validate", "smoke", "--set", "quant.bits=[8, 4"], "is not valid YAML"),
     "set-no-key": ({}, ["validate", "smoke", "--set", "=4"], "must look like section.key=value"),
     "missing-json": ({}, ["validate", "{tmp}/conf/spec.json"], "spec file '{tmp}/conf/spec.json' not found"),
