@@ -8,20 +8,22 @@ ones continue from their checkpoints and the Optuna study (inside the searcher s
 Tune snapshots the experiment every >= 10 s by default; after a SIGKILL, work since the last snapshot is
 redone. The period is lowered to `snapshot_s` (1 s) here, and the trial records (`trial.py`) make the
 redone work cheap: a trial that had finished is replayed from its record, not retrained.
+
+Tune's own files (experiment state, per-trial result.json and TensorBoard event files) live in out_dir/tune/,
+inside the run directory, so `tensorboard --logdir runs/<name>` shows every trial's curves.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..pareto import ACC
 from ..spec import SearchConfig
+from .quiet import quiet_library_loggers, tune_environment
 from .results import read_summary
 from .searcher import BudgetSearch, make_sampler
 from .space import SearchSpace, warm_start_points
@@ -59,40 +61,27 @@ def make_scheduler(cfg: SearchConfig) -> Any:
                                    grace_period=cfg.grace_period, reduction_factor=ASHA_REDUCTION)
 
 
-@contextlib.contextmanager
-def _snapshot_period(seconds: float) -> Iterator[None]:
-    """Tune reads TUNE_GLOBAL_CHECKPOINT_S when the run starts; a user's own setting wins."""
-    keys = {"TUNE_GLOBAL_CHECKPOINT_S": str(seconds), "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
-    saved = {k: os.environ.get(k) for k in keys}
-    for k, v in keys.items():
-        os.environ.setdefault(k, v)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-
-
 def run_search(space: SearchSpace, cfg: SearchConfig, *, out_dir: str | Path, trainable: Any, payload: Any,
                seed: int, warm_starts: Sequence[dict[str, int]] = (), use_gpu: bool = False,
                reserved_cpus: float = 0.0, verbose: int = 0, snapshot_s: float = 1.0) -> dict[str, Any]:
     """Run (or restore and finish) a search of `space` with `trainable(config, payload)`; return the summary.
 
     Ray must be initialised. `out_dir` receives Tune's experiment (tune/), the trial records (trials/)
-    and the tables (results.parquet, pareto.parquet, summary.json).
+    and the tables (results.parquet, pareto.parquet, summary.json). `verbose` is Tune's own verbosity (0:
+    kdsearch's lines only).
     """
     from ray import tune
 
     from .results import ResultsWriter
 
+    quiet_library_loggers()
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     exp = out_dir / EXPERIMENT
     fn = tune.with_parameters(trainable, payload=payload)
     fn = tune.with_resources(fn, {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial if use_gpu else 0.0})
     t0 = time.perf_counter()
-    with _snapshot_period(snapshot_s):
+    with tune_environment(snapshot_s):
         if tune.Tuner.can_restore(str(exp)):
             log.info("search: restoring the experiment in %s", exp)
             tuner = tune.Tuner.restore(str(exp), trainable=fn, resume_unfinished=True, resume_errored=True)
@@ -122,4 +111,5 @@ def run_search(space: SearchSpace, cfg: SearchConfig, *, out_dir: str | Path, tr
     summary["tune_errors"] = len(grid.errors)
     if grid.errors:
         log.warning("search: %d trial(s) failed after %d retries; see %s", len(grid.errors), cfg.max_failures, exp)
+    log.info("search: every trial's curves are in %s: tensorboard --logdir %s", exp, out_dir)
     return summary

@@ -108,8 +108,7 @@ def search_stage(spec: Spec, ctx: RunContext, *, out_dir: Path | None = None, us
                                  pool_tag=teachers.tag, teachers=tuple(teachers.teachers),
                                  cpus=spec.search.cpus_per_trial)
         summary = run_search(space, spec.search, out_dir=out, trainable=qat_trial, payload=payload, seed=seed,
-                             warm_starts=warm, use_gpu=use_gpu, reserved_cpus=reserved,
-                             verbose=1 if ctx.progress else 0)
+                             warm_starts=warm, use_gpu=use_gpu, reserved_cpus=reserved)
     finally:
         if hasattr(teachers, "shutdown"):
             teachers.shutdown()
