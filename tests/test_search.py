@@ -107,6 +107,7 @@ def test_searcher_tells_optuna_pruned_infeasible_and_failed(tmp_path) -> None:
     writer = ResultsWriter(tmp_path, space.layers, space.budget_mb)
     search = BudgetSearch(space, sampler=make_sampler("tpe", 1, 12), trial_epochs=3, writer=writer)
     configs = _drive(search, 12, epochs=3, prune_every=3)
+    search.flush()  # the tables are rebuilt at most once a second, and at every Tune snapshot (save)
     assert len(configs) == 12
     assert all(space.feasible(c["bits"]) for c in configs)  # nothing over budget was launched
     states = {t.number: t for t in search.study.trials}
@@ -128,6 +129,7 @@ def test_searcher_tells_optuna_pruned_infeasible_and_failed(tmp_path) -> None:
     bits = search.study.trials[failed].user_attrs["bits"]
     search.on_trial_result("trial2", {"epoch": 3, "acc": 77.0, "size_mb": space.size_mb(bits)})
     search.on_trial_complete("trial2", {"epoch": 3, "acc": 77.0, "size_mb": space.size_mb(bits)})
+    search.flush()
     after = read_results(tmp_path).set_index("number")
     copy = after[after["retry_of"] == failed]
     assert after.loc[failed, "status"] == "retried" and copy["status"].tolist() == ["completed"]

@@ -1,8 +1,9 @@
-"""The search's tables, rebuilt from the Optuna study after every event, and read back by `kdsearch pareto`.
+"""The search's tables, rebuilt from the Optuna study (at most once a second, and at every experiment snapshot),
+and read back by `kdsearch pareto`.
 
 The study is the one record of the search: every sample the sampler made (trained or not) is an Optuna
-trial, and the searcher stores what Tune reported on it as user attributes. Because the study is part of
-the searcher state that Tune snapshots and restores, the tables rebuilt from it after a restore hold
+trial, and the searcher stores what Tune reported on it as user attributes. Because the study a restore
+reads is the one of the snapshot Tune restores (`storage`), the tables rebuilt from it after a restore hold
 exactly the restored search (no stale rows from work lost in a crash).
 
 Files in runs/<name>/search/ (all written atomically, readable while the search runs):

@@ -3,14 +3,17 @@
 Tune owns scheduling (ASHA on accuracy per epoch), retries (FailureConfig) and the experiment snapshot;
 the searcher (`BudgetSearch`) owns sampling and the result tables. A rerun restores the experiment with
 `Tuner.restore(..., resume_unfinished=True, resume_errored=True)`: finished trials are kept, unfinished
-ones continue from their checkpoints and the Optuna study (inside the searcher state) keeps its history.
+ones continue from their checkpoints and the Optuna study keeps its history (the searcher state holds the
+journal size at the snapshot; the study in the journal is cut back to it).
 
 Tune snapshots the experiment every >= 10 s by default; after a SIGKILL, work since the last snapshot is
 redone. The period is lowered to `snapshot_s` (1 s) here, and the trial records (`trial.py`) make the
 redone work cheap: a trial that had finished is replayed from its record, not retrained.
 
-Tune's own files (experiment state, per-trial result.json and TensorBoard event files) live in out_dir/tune/,
-inside the run directory, so `tensorboard --logdir runs/<name>` shows every trial's curves.
+The Optuna study is kept in out_dir/optuna-journal.log (`storage`), where optuna-dashboard and
+`optuna.load_study` read it. Tune's own files (experiment state, per-trial result.json and TensorBoard
+event files) live in out_dir/tune/, inside the run directory, so `tensorboard --logdir runs/<name>` shows
+every trial's curves.
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ from typing import Any
 from ..pareto import ACC
 from ..spec import SearchConfig
 from .quiet import quiet_library_loggers, tune_environment
-from .results import read_summary
+from .results import ResultsWriter, read_summary
 from .searcher import BudgetSearch, make_sampler
 from .space import SearchSpace, warm_start_points
+from .storage import STUDY_NAME, journal_path, remove_journal
 
 log = logging.getLogger("kdsearch.search")
 
@@ -66,18 +70,17 @@ def run_search(space: SearchSpace, cfg: SearchConfig, *, out_dir: str | Path, tr
                reserved_cpus: float = 0.0, verbose: int = 0, snapshot_s: float = 1.0) -> dict[str, Any]:
     """Run (or restore and finish) a search of `space` with `trainable(config, payload)`; return the summary.
 
-    Ray must be initialised. `out_dir` receives Tune's experiment (tune/), the trial records (trials/)
-    and the tables (results.parquet, pareto.parquet, summary.json). `verbose` is Tune's own verbosity (0:
-    kdsearch's lines only).
+    Ray must be initialised. `out_dir` receives Tune's experiment (tune/), the trial records (trials/),
+    the Optuna study (optuna-journal.log) and the tables (results.parquet, pareto.parquet, summary.json).
+    `verbose` is Tune's own verbosity (0: kdsearch's lines only).
     """
     from ray import tune
-
-    from .results import ResultsWriter
 
     quiet_library_loggers()
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     exp = out_dir / EXPERIMENT
+    journal = journal_path(out_dir)
     fn = tune.with_parameters(trainable, payload=payload)
     fn = tune.with_resources(fn, {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial if use_gpu else 0.0})
     t0 = time.perf_counter()
@@ -86,13 +89,15 @@ def run_search(space: SearchSpace, cfg: SearchConfig, *, out_dir: str | Path, tr
             log.info("search: restoring the experiment in %s", exp)
             tuner = tune.Tuner.restore(str(exp), trainable=fn, resume_unfinished=True, resume_errored=True)
         else:
+            if remove_journal(journal):  # from a search killed before its first snapshot: nothing to restore
+                log.info("search: no experiment snapshot in %s; starting the study afresh", exp)
             points, dropped = warm_start_points(space, warm_starts)
             log.info("search: %d searchable layers (%d fixed), %s configurations, budget %.4f MB, "
                      "%d warm starts (%d over budget dropped)", len(space.searchable), len(space.fixed),
                      f"{space.cardinality:,}", space.budget_mb, len(points), dropped)
             searcher = BudgetSearch(space, sampler=make_sampler(cfg.sampler, seed, cfg.num_trials),
                                     trial_epochs=cfg.trial_epochs, points_to_evaluate=points,
-                                    writer=ResultsWriter(out_dir, space.layers, space.budget_mb))
+                                    writer=ResultsWriter(out_dir, space.layers, space.budget_mb), journal=journal)
             searcher.writer.write(searcher.study)  # tables exist (empty) from the start
             tuner = tune.Tuner(
                 fn,
@@ -112,4 +117,5 @@ def run_search(space: SearchSpace, cfg: SearchConfig, *, out_dir: str | Path, tr
     if grid.errors:
         log.warning("search: %d trial(s) failed after %d retries; see %s", len(grid.errors), cfg.max_failures, exp)
     log.info("search: every trial's curves are in %s: tensorboard --logdir %s", exp, out_dir)
+    log.info("search: the Optuna study '%s' is in %s (kdsearch dashboard, or optuna.load_study)", STUDY_NAME, journal)
     return summary
