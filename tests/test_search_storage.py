@@ -1,5 +1,5 @@
-"""The search's Optuna study on disk (optuna-journal.log) and its agreement with the restored searcher after a
-SIGKILL; a search's console output (no library noise, no ANSI codes)."""
+"""The search's Optuna study on disk (optuna-journal.log), its agreement with the restored searcher after a
+SIGKILL, `kdsearch dashboard`, and a search's console output (no library noise, no ANSI codes)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import os
 import pickle
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import optuna
@@ -190,6 +192,67 @@ def test_sigkill_resume_storage_holds_the_restored_searchers_trials(tmp_path) ->
         t = trials[launched[tid]]
         assert last["config"]["number"] == t.number and t.state == TrialState.COMPLETE
         assert t.values == pytest.approx([last[ACC], last[SIZE]])
+
+
+# ---- the dashboard command ---------------------------------------------------------------------------------
+
+def _run_dir_with_study(tmp_path: Path, trials: int = 3) -> Path:
+    run_dir = tmp_path / "run"
+    (run_dir / "search").mkdir(parents=True)
+    (run_dir / "spec.yaml").write_text("name: run\n")
+    space = toy_space(layers=4, budget_fraction=0.6)
+    search = BudgetSearch(space, sampler=make_sampler("random", 0, trials), trial_epochs=1,
+                          journal=run_dir / "search" / JOURNAL)
+    for i in range(trials):
+        _finish(search, f"t{i}", search.suggest(f"t{i}")["bits"])
+    search.flush()
+    return run_dir
+
+
+def test_dashboard_without_the_extra_says_how_to_install_it(tmp_path, monkeypatch, capsys) -> None:
+    from kdsearch.cli import main
+
+    run_dir = _run_dir_with_study(tmp_path)
+    monkeypatch.setitem(sys.modules, "optuna_dashboard", None)  # unimportable, whether installed here or not
+    assert main(["dashboard", str(run_dir)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip().splitlines() == ['kdsearch: error: the dashboard needs optuna-dashboard: '
+                                                      'pip install "kdsearch[dashboard]"']
+    (tmp_path / "run2").mkdir()
+    (tmp_path / "run2" / "spec.yaml").write_text("name: run2\n")
+    for bad, says in ((tmp_path / "nope", "not found"), (tmp_path, "not a kdsearch run directory"),
+                      (tmp_path / "run2", "no Optuna study yet")):
+        assert main(["dashboard", str(bad)]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and len(err.strip().splitlines()) == 1 and says in err, err
+
+
+def test_dashboard_serves_the_runs_study(tmp_path) -> None:
+    pytest.importorskip("optuna_dashboard")
+    run_dir = _run_dir_with_study(tmp_path, trials=3)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "kdsearch", "dashboard", str(run_dir), "--port", str(port)],
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, studies = time.monotonic() + 60, None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as resp:
+                    studies = json.loads(resp.read())["study_summaries"]
+                break
+            except OSError:
+                time.sleep(0.2)
+        assert studies is not None, proc.stdout.read() if proc.poll() is not None else "no answer"
+        (study,) = studies
+        assert study["study_name"] == STUDY_NAME
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{study['study_id']}", timeout=5) as resp:
+            assert len(json.loads(resp.read())["trials"]) == len(_on_disk(run_dir / "search" / JOURNAL).trials) >= 3
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 # ---- a search's console output -------------------------------------------------------------------------------
