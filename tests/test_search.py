@@ -223,3 +223,19 @@ def test_sigkill_then_restore(tmp_path) -> None:
         assert trained <= 3 and rec["final"]["epoch"] == 3  # no epoch trained twice; resumed ones finished
         if number in finished_before:  # finished before the kill: never trained again
             assert all(a["trained"] == 0 for a in rec["attempts"][1:])
+
+
+def test_hypervolume_history_is_the_prefix_history_and_starts_over_when_not_extended() -> None:
+    """The writer's remembered history equals pareto.hypervolume_history at every rebuild."""
+    from kdsearch.pareto import hypervolume_history, reference_point
+    from kdsearch.search.results import HypervolumeHistory
+
+    rng = np.random.default_rng(0)
+    pts = np.column_stack([rng.uniform(40, 90, 40), rng.uniform(0.01, 0.05, 40)])
+    ref = reference_point(0.05)
+    hist = HypervolumeHistory(ref)
+    for n in (0, 1, 7, 8, 25, 40):  # the completed trials so far, in finished order
+        assert hist(pts[:n]) == pytest.approx(hypervolume_history(pts[:n], ref))
+    other = pts[::-1][:10]  # not an extension of what it saw (a restored, shorter study): recomputed
+    assert hist(other) == pytest.approx(hypervolume_history(other, ref))
+

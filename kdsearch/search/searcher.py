@@ -116,10 +116,12 @@ class BudgetSearch(OptunaSearch):
             self.__setstate__(pickle.load(f))
 
     def flush(self) -> None:
-        """Write the tables if they lag the study, and the journal's buffered operations."""
+        """The journal's buffered operations, and the tables if they lag the study: at once when no trial is
+        running (the end of a search, a test), else as the writer's spacing allows (snapshots come every second,
+        and rebuilding the tables grows with the study)."""
         self._attach()
         if self._dirty:
-            self._write(force=True)
+            self._write(force=len(self._completed_trials) >= len(self._ot_trials))
         if self._journal is not None:
             self._journal.flush()
 
