@@ -37,12 +37,16 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     logging.getLogger(TOKEN_BANNER_LOGGER).setLevel(logging.ERROR)
     kwargs: dict = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False,
                     "runtime_env": {"worker_process_setup_hook": QUIET_WORKERS}}
-    if address and address != "local":
+    # No address means kdsearch's own local Ray. Ray's default for None is to join whatever cluster it finds on the
+    # machine (another user's run, even one that is shutting down: a 13-minute hang on a shared VM); only RAY_ADDRESS,
+    # Ray's documented way to point every process at a cluster, still overrides.
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    if address != "local":
         ray.init(address=address, **kwargs)
-    else:  # None: Ray's default; "local": always a new local instance (tests, benchmarks)
-        ray.init(address=address, num_cpus=num_cpus, **kwargs)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, **kwargs)
     res = ray.cluster_resources()
-    log.info("ray: %s with %s CPUs, %s GPUs", address or "local", res.get("CPU", 0), res.get("GPU", 0))
+    log.info("ray: %s with %s CPUs, %s GPUs", address, res.get("CPU", 0), res.get("GPU", 0))
 
 
 def cluster_gpus() -> float:
