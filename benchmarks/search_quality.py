@@ -279,7 +279,7 @@ def main() -> None:
     from kdsearch.io import atomic_write_json
 
     setup_logging()
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     result = json.loads(a.out.read_text()) if a.out.is_file() else {}  # keep the sections not rerun
     old = result.get("overhead")  # labelled runs; the earlier flat layout (one unlabelled run) is dropped
     result["overhead"] = old if isinstance(old, dict) and all(isinstance(v, dict) for v in old.values()) else {}
