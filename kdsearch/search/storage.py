@@ -22,7 +22,6 @@ for every operation (~0.4 ms here), and one trial of a 24-layer space is ~30 ope
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 import time
 from collections.abc import Iterator
@@ -31,8 +30,6 @@ from typing import Any
 
 from optuna.storages import JournalStorage
 from optuna.storages.journal import BaseJournalBackend, JournalFileBackend
-
-log = logging.getLogger("kdsearch.search")
 
 STUDY_NAME = "kdsearch"  # one study per journal file
 JOURNAL = "optuna-journal.log"  # in the search directory (runs/<name>/search/)
