@@ -112,6 +112,7 @@ def _searcher_only(n: int, d: Path) -> dict[str, float]:
     """suggest + result + complete per trial and a snapshot (save) every 10 trials, without Tune."""
     import shutil
 
+    from kdsearch.pareto import ACC, SIZE
     from kdsearch.search import BudgetSearch, make_sampler
     from kdsearch.search.results import ResultsWriter
     from kdsearch.search.synthetic import synthetic_accuracy, toy_space
@@ -127,7 +128,7 @@ def _searcher_only(n: int, d: Path) -> dict[str, float]:
     t0 = time.perf_counter()
     for i in range(n):
         bits = search.suggest(f"t{i}")["bits"]
-        res = {"epoch": 1, "acc": synthetic_accuracy(bits, 1, 1), "size_mb": space.size_mb(bits)}
+        res = {"epoch": 1, ACC: synthetic_accuracy(bits, 1, 1), SIZE: space.size_mb(bits)}
         search.on_trial_result(f"t{i}", res)
         search.on_trial_complete(f"t{i}", res)
         if i % 10 == 9:
