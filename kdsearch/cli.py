@@ -195,6 +195,17 @@ def cmd_pareto(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from .search.dashboard import INSTALL_HINT, have_dashboard, serve_dashboard, study_journal
+    from .status import check_run_dir
+
+    journal = study_journal(check_run_dir(args.run_dir))
+    if not have_dashboard():
+        raise UsageError(INSTALL_HINT)
+    serve_dashboard(journal, host=args.host, port=args.port)
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from .status import run_status
     from .tables import stdout_is_terminal
@@ -320,6 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--brief", action="store_true", help="leave out the per-layer bit columns")
     p.set_defaults(fn=cmd_pareto, quiet=True)
+    p = sub.add_parser("dashboard", help="serve a run's Optuna study with optuna-dashboard (kdsearch[dashboard])")
+    p.add_argument("run_dir")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.set_defaults(fn=cmd_dashboard, quiet=True)
     p = sub.add_parser("status", help="stages done, search progress and the current front of a run")
     p.add_argument("run_dir")
     p.set_defaults(fn=cmd_status, quiet=True)

@@ -60,7 +60,7 @@ def _sensitivity(spec: Spec, ctx: RunContext) -> dict[str, Any]:
 
 def _search(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     from .progress import ProgressReporter
-    from .search import search_stage
+    from .stages.search import search_stage
 
     with ProgressReporter(ctx.run_dir, total=spec.search.num_trials, concurrency=spec.search.max_concurrent,
                           live=ctx.progress):

@@ -12,15 +12,12 @@ from typing import Any
 
 import pandas as pd
 
+from .rundir import RunDirError  # noqa: F401  (re-exported: the CLI and tests catch it from here)
 from .tables import FRONT_FORMAT, markdown_table, render_table  # noqa: F401  (report.py imports markdown_table here)
 
 # The pipeline's stages in order. Not read from `kdsearch.pipeline.STAGES`: importing the pipeline imports torch,
 # and `kdsearch status` must answer at once; tests/test_cli.py keeps the two equal.
 STAGE_ORDER = ("teachers", "baselines", "sensitivity", "search", "finalize", "report")
-
-
-class RunDirError(ValueError):
-    """A path that is not a kdsearch run directory; the message is one line naming the fix."""
 
 
 def check_run_dir(run_dir: str | Path) -> Path:

@@ -89,7 +89,7 @@ def build_run(root: Path, *, finalize: bool = True) -> tuple[Spec, RunContext]:
     from kdsearch.checkpoints import load_model
     from kdsearch.io import atomic_write_json
     from kdsearch.rundir import RunDir
-    from kdsearch.search.stage import write_pareto_plot
+    from kdsearch.stages.search import write_pareto_plot
     from kdsearch.stages.baselines import train_baselines
     from kdsearch.stages.finalize import finalize_stage
     from kdsearch.stages.sensitivity import sensitivity_stage

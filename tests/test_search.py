@@ -107,6 +107,7 @@ def test_searcher_tells_optuna_pruned_infeasible_and_failed(tmp_path) -> None:
     writer = ResultsWriter(tmp_path, space.layers, space.budget_mb)
     search = BudgetSearch(space, sampler=make_sampler("tpe", 1, 12), trial_epochs=3, writer=writer)
     configs = _drive(search, 12, epochs=3, prune_every=3)
+    search.flush()  # the tables are rebuilt at most once a second, and at every Tune snapshot (save)
     assert len(configs) == 12
     assert all(space.feasible(c["bits"]) for c in configs)  # nothing over budget was launched
     states = {t.number: t for t in search.study.trials}
@@ -128,6 +129,7 @@ def test_searcher_tells_optuna_pruned_infeasible_and_failed(tmp_path) -> None:
     bits = search.study.trials[failed].user_attrs["bits"]
     search.on_trial_result("trial2", {"epoch": 3, "val_acc": 77.0, "size_mb": space.size_mb(bits)})
     search.on_trial_complete("trial2", {"epoch": 3, "val_acc": 77.0, "size_mb": space.size_mb(bits)})
+    search.flush()
     after = read_results(tmp_path).set_index("number")
     copy = after[after["retry_of"] == failed]
     assert after.loc[failed, "status"] == "retried" and copy["status"].tolist() == ["completed"]
@@ -221,3 +223,19 @@ def test_sigkill_then_restore(tmp_path) -> None:
         assert trained <= 3 and rec["final"]["epoch"] == 3  # no epoch trained twice; resumed ones finished
         if number in finished_before:  # finished before the kill: never trained again
             assert all(a["trained"] == 0 for a in rec["attempts"][1:])
+
+
+def test_hypervolume_history_is_the_prefix_history_and_starts_over_when_not_extended() -> None:
+    """The writer's remembered history equals pareto.hypervolume_history at every rebuild."""
+    from kdsearch.pareto import hypervolume_history, reference_point
+    from kdsearch.search.results import HypervolumeHistory
+
+    rng = np.random.default_rng(0)
+    pts = np.column_stack([rng.uniform(40, 90, 40), rng.uniform(0.01, 0.05, 40)])
+    ref = reference_point(0.05)
+    hist = HypervolumeHistory(ref)
+    for n in (0, 1, 7, 8, 25, 40):  # the completed trials so far, in finished order
+        assert hist(pts[:n]) == pytest.approx(hypervolume_history(pts[:n], ref))
+    other = pts[::-1][:10]  # not an extension of what it saw (a restored, shorter study): recomputed
+    assert hist(other) == pytest.approx(hypervolume_history(other, ref))
+

@@ -26,7 +26,7 @@ from kdsearch.data import EvalLoader, Normalizer, TrainLoader, load_data
 from kdsearch.models import create_model
 from kdsearch.runtime import seed_everything
 from kdsearch.spec import load_spec
-from kdsearch.stages.train_models import model_seed
+from kdsearch.recipes import model_seed
 from kdsearch.train import FitRun, evaluate, fit
 
 HERE = Path(__file__).resolve().parent
@@ -55,7 +55,7 @@ def main() -> None:
         if out.is_file():
             print(f"{out} exists; delete it to retrain")
             continue
-        seed = model_seed(spec, t.arch)
+        seed = model_seed(t.arch, spec.seed)
         seed_everything(seed)
         model = create_model(t.arch, num_classes=bundle.num_classes)
         train = TrainLoader(bundle, spec.data, batch_size=cfg.batch_size, seed=seed, device=device)

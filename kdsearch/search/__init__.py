@@ -1,12 +1,12 @@
 """Ray Tune + Optuna search over per-layer bit-widths under a size budget, with Pareto fronts.
 
-    summary = search_stage(spec, ctx)        # runs/<name>/search/{results,pareto}.parquet, pareto.png, tune/
+    run_search(space, cfg, out_dir=..., trainable=..., payload=...)   # Tune + Optuna (the stage: stages/search.py)
     pareto_table(run_dir)                    # the current front (works while the search runs)
 
 Pieces: `space` (bit-width choices and their exact byte costs), `searcher` (OptunaSearch that skips
 over-budget samples and tells Optuna about ASHA-stopped trials), `trial` (resumable QAT+KD trial),
-`results` (tables from the study), `runner` (Tune, restore), `stage` (the pipeline stage), `synthetic`
-(network-free trials for tests and benchmarks).
+`results` (tables from the study), `runner` (Tune, restore), `storage` (the study's journal file), `dashboard`,
+`synthetic` (network-free trials for tests and benchmarks). The pipeline stage is `kdsearch.stages.search`.
 
 Names are imported on first use (PEP 562), so `kdsearch pareto RUN_DIR` reads a table without importing
 Ray Tune, and `python -m kdsearch.search.synthetic` runs without a half-imported module.
@@ -22,7 +22,6 @@ _EXPORTS = {
     "runner": ("make_scheduler", "max_concurrent_trials", "run_search"),
     "searcher": ("BudgetSearch", "make_sampler"),
     "space": ("SearchSpace", "build_space", "define_space", "uniform_configs", "warm_start_points"),
-    "stage": ("search_stage",),
     "trial": ("QatPayload", "TrialRecord", "qat_trial", "run_trial"),
 }
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}

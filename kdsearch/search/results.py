@@ -1,8 +1,9 @@
-"""The search's tables, rebuilt from the Optuna study after every event, and read back by `kdsearch pareto`.
+"""The search's tables, rebuilt from the Optuna study (at most once a second, and at every experiment snapshot),
+and read back by `kdsearch pareto`.
 
 The study is the one record of the search: every sample the sampler made (trained or not) is an Optuna
-trial, and the searcher stores what Tune reported on it as user attributes. Because the study is part of
-the searcher state that Tune snapshots and restores, the tables rebuilt from it after a restore hold
+trial, and the searcher stores what Tune reported on it as user attributes. Because the study a restore
+reads is the one of the snapshot Tune restores (`storage`), the tables rebuilt from it after a restore hold
 exactly the restored search (no stale rows from work lost in a crash).
 
 Files in runs/<name>/search/ (all written atomically, readable while the search runs):
@@ -31,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from ..io import atomic_to_parquet, atomic_write_json
-from ..pareto import ACC, SIZE, hypervolume, hypervolume_history, pareto_front, reference_point
+from ..pareto import ACC, SIZE, hypervolume, pareto_front, reference_point
 
 LAUNCHED = ("running", "completed", "pruned", "error")
 STATUSES = (*LAUNCHED, "infeasible", "duplicate", "retried")
@@ -43,8 +44,30 @@ def search_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "search"
 
 
-def study_frame(study: Any, layers: list[str] | tuple[str, ...], budget_mb: float) -> pd.DataFrame:
-    """One row per Optuna trial of `study`, in sample order, with the hypervolume after each completion."""
+class HypervolumeHistory:
+    """`hypervolume_history` that remembers: trials complete in `finished_seq` order and only ever append to that
+    sequence, so the history of the points it saw last time is kept and only new prefixes are computed (a table
+    rebuild costs O(n) hypervolumes of new points instead of n of them: 0.45 s at 1,000 completed trials)."""
+
+    def __init__(self, reference: tuple[float, float]) -> None:
+        self.reference = reference
+        self._points = np.zeros((0, 2))
+        self._values: list[float] = []
+
+    def __call__(self, points: np.ndarray) -> list[float]:
+        pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        k = len(self._points)
+        if k > len(pts) or not np.array_equal(pts[:k], self._points):  # not an extension: start over
+            k, self._values = 0, []
+        self._values = self._values[:k] + [hypervolume(pts[: i + 1], self.reference) for i in range(k, len(pts))]
+        self._points = pts.copy()
+        return list(self._values)
+
+
+def study_frame(study: Any, layers: list[str] | tuple[str, ...], budget_mb: float,
+                history: HypervolumeHistory | None = None) -> pd.DataFrame:
+    """One row per Optuna trial of `study`, in sample order, with the hypervolume after each completion
+    (`history`: a HypervolumeHistory kept between rebuilds of the same study)."""
     rows = []
     for t in study.get_trials(deepcopy=False):
         if t.state.name == "WAITING":  # an enqueued warm start not sampled yet
@@ -71,8 +94,8 @@ def study_frame(study: Any, layers: list[str] | tuple[str, ...], budget_mb: floa
     df["hypervolume"] = np.nan
     done = df[df["status"] == "completed"].sort_values("finished_seq")
     if len(done):
-        hv = hypervolume_history(done[[ACC, SIZE]].to_numpy(), reference_point(budget_mb))
-        df.loc[done.index, "hypervolume"] = hv
+        history = history or HypervolumeHistory(reference_point(budget_mb))
+        df.loc[done.index, "hypervolume"] = history(done[[ACC, SIZE]].to_numpy())
     return df
 
 
@@ -89,30 +112,45 @@ def summarize(df: pd.DataFrame, budget_mb: float) -> dict[str, Any]:
 class ResultsWriter:
     """Rewrites results.parquet, pareto.parquet and summary.json from the study (driver side, atomic).
 
-    Held by the searcher, so it is pickled into Tune's experiment snapshot: it keeps only plain data.
+    Held by the searcher, so it is pickled into Tune's experiment snapshot: it keeps only plain data (the
+    hypervolume history and the clocks are rebuilt after unpickling).
+
+    Unforced writes are spaced by `min_interval_s`, or by `COST_RATIO` times what the last write took when
+    that is longer: rebuilding grows with the study, and must not take over the driver of a long search.
     """
+
+    COST_RATIO = 20.0  # unforced writes take at most ~5 % of the driver's time
 
     def __init__(self, out_dir: str | Path, layers: tuple[str, ...], budget_mb: float, min_interval_s: float = 1.0):
         self.out_dir = str(out_dir)
         self.layers = tuple(layers)
         self.budget_mb = float(budget_mb)
         self.min_interval_s = float(min_interval_s)
-        self._last = 0.0
+        self._fresh()
+
+    def _fresh(self) -> None:
+        self._last, self._cost = 0.0, 0.0
+        self._history = HypervolumeHistory(reference_point(self.budget_mb))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_last", "_cost", "_history")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:  # restored in another process: clocks differ
-        self.__dict__.update(state, _last=0.0)
+        self.__dict__.update(state)
+        self._fresh()
 
     def write(self, study: Any, force: bool = True) -> pd.DataFrame | None:
-        """Rebuild the files; with force=False at most once per `min_interval_s` (per-epoch results)."""
+        """Rebuild the files; unforced (per-epoch results) only when the spacing above has passed."""
         now = time.monotonic()
-        if not force and now - self._last < self.min_interval_s:
+        if not force and now - self._last < max(self.min_interval_s, self.COST_RATIO * self._cost):
             return None
-        self._last = now
         out = Path(self.out_dir)
-        df = study_frame(study, self.layers, self.budget_mb)
+        df = study_frame(study, self.layers, self.budget_mb, self._history)
         atomic_to_parquet(df, out / "results.parquet")
         atomic_to_parquet(pareto_front(df[df["status"] == "completed"]), out / "pareto.parquet")
         atomic_write_json(out / "summary.json", summarize(df, self.budget_mb))
+        self._last = time.monotonic()
+        self._cost = self._last - now
         return df
 
 

@@ -1,30 +1,36 @@
-"""Running the search with Ray Tune, and restoring it: `run_search` (any trainable) and `search_stage`.
+"""Running the search with Ray Tune, and restoring it: `run_search` (any trainable; `kdsearch.stages.search` is the stage).
 
 Tune owns scheduling (ASHA on accuracy per epoch), retries (FailureConfig) and the experiment snapshot;
 the searcher (`BudgetSearch`) owns sampling and the result tables. A rerun restores the experiment with
 `Tuner.restore(..., resume_unfinished=True, resume_errored=True)`: finished trials are kept, unfinished
-ones continue from their checkpoints and the Optuna study (inside the searcher state) keeps its history.
+ones continue from their checkpoints and the Optuna study keeps its history (the searcher state holds the
+journal size at the snapshot; the study in the journal is cut back to it).
 
 Tune snapshots the experiment every >= 10 s by default; after a SIGKILL, work since the last snapshot is
 redone. The period is lowered to `snapshot_s` (1 s) here, and the trial records (`trial.py`) make the
 redone work cheap: a trial that had finished is replayed from its record, not retrained.
+
+The Optuna study is kept in out_dir/optuna-journal.log (`storage`), where optuna-dashboard and
+`optuna.load_study` read it. Tune's own files (experiment state, per-trial result.json and TensorBoard
+event files) live in out_dir/tune/, inside the run directory, so `tensorboard --logdir runs/<name>` shows
+every trial's curves.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..pareto import ACC
 from ..spec import SearchConfig
-from .results import read_summary
+from .quiet import quiet_library_loggers, tune_environment
+from .results import ResultsWriter, read_summary
 from .searcher import BudgetSearch, make_sampler
 from .space import SearchSpace, warm_start_points
+from .storage import STUDY_NAME, journal_path, remove_journal
 
 log = logging.getLogger("kdsearch.search")
 
@@ -59,51 +65,39 @@ def make_scheduler(cfg: SearchConfig) -> Any:
                                    grace_period=cfg.grace_period, reduction_factor=ASHA_REDUCTION)
 
 
-@contextlib.contextmanager
-def _snapshot_period(seconds: float) -> Iterator[None]:
-    """Tune reads TUNE_GLOBAL_CHECKPOINT_S when the run starts; a user's own setting wins."""
-    keys = {"TUNE_GLOBAL_CHECKPOINT_S": str(seconds), "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
-    saved = {k: os.environ.get(k) for k in keys}
-    for k, v in keys.items():
-        os.environ.setdefault(k, v)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-
-
 def run_search(space: SearchSpace, cfg: SearchConfig, *, out_dir: str | Path, trainable: Any, payload: Any,
                seed: int, warm_starts: Sequence[dict[str, int]] = (), use_gpu: bool = False,
                reserved_cpus: float = 0.0, verbose: int = 0, snapshot_s: float = 1.0) -> dict[str, Any]:
     """Run (or restore and finish) a search of `space` with `trainable(config, payload)`; return the summary.
 
-    Ray must be initialised. `out_dir` receives Tune's experiment (tune/), the trial records (trials/)
-    and the tables (results.parquet, pareto.parquet, summary.json).
+    Ray must be initialised. `out_dir` receives Tune's experiment (tune/), the trial records (trials/),
+    the Optuna study (optuna-journal.log) and the tables (results.parquet, pareto.parquet, summary.json).
+    `verbose` is Tune's own verbosity (0: kdsearch's lines only).
     """
     from ray import tune
 
-    from .results import ResultsWriter
-
+    quiet_library_loggers()
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     exp = out_dir / EXPERIMENT
+    journal = journal_path(out_dir)
     fn = tune.with_parameters(trainable, payload=payload)
     fn = tune.with_resources(fn, {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial if use_gpu else 0.0})
     t0 = time.perf_counter()
-    with _snapshot_period(snapshot_s):
+    with tune_environment(snapshot_s):
         if tune.Tuner.can_restore(str(exp)):
             log.info("search: restoring the experiment in %s", exp)
             tuner = tune.Tuner.restore(str(exp), trainable=fn, resume_unfinished=True, resume_errored=True)
         else:
+            if remove_journal(journal):  # from a search killed before its first snapshot: nothing to restore
+                log.info("search: no experiment snapshot in %s; starting the study afresh", exp)
             points, dropped = warm_start_points(space, warm_starts)
             log.info("search: %d searchable layers (%d fixed), %s configurations, budget %.4f MB, "
                      "%d warm starts (%d over budget dropped)", len(space.searchable), len(space.fixed),
                      f"{space.cardinality:,}", space.budget_mb, len(points), dropped)
             searcher = BudgetSearch(space, sampler=make_sampler(cfg.sampler, seed, cfg.num_trials),
                                     trial_epochs=cfg.trial_epochs, points_to_evaluate=points,
-                                    writer=ResultsWriter(out_dir, space.layers, space.budget_mb))
+                                    writer=ResultsWriter(out_dir, space.layers, space.budget_mb), journal=journal)
             searcher.writer.write(searcher.study)  # tables exist (empty) from the start
             tuner = tune.Tuner(
                 fn,
@@ -122,4 +116,6 @@ def run_search(space: SearchSpace, cfg: SearchConfig, *, out_dir: str | Path, tr
     summary["tune_errors"] = len(grid.errors)
     if grid.errors:
         log.warning("search: %d trial(s) failed after %d retries; see %s", len(grid.errors), cfg.max_failures, exp)
+    log.info("search: every trial's curves are in %s: tensorboard --logdir %s", exp, out_dir)
+    log.info("search: the Optuna study '%s' is in %s (kdsearch dashboard, or optuna.load_study)", STUDY_NAME, journal)
     return summary

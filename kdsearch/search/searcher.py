@@ -13,13 +13,20 @@
 Infeasible samples are told COMPLETE with values (0 %, size) plus a positive constraint: constraint-aware
 samplers rank them by violation before any value (c-TPE, Watanabe & Hutter 2023; NSGA-II constrained
 domination, Deb et al. 2002), and only COMPLETE trials enter NSGA-II's population at all.
+
+With a `journal`, the study lives in an Optuna journal file (see `storage`): Tune's snapshot of the searcher
+(`save`) flushes it and records its size, and a restored searcher cuts it back to that size before first
+use, so the study on disk is always the study of the restored search. The result tables are rebuilt at
+most once a second (and at every snapshot), not after every event: the rebuild grows with the study.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import pickle
 import warnings
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -30,6 +37,7 @@ from ray.tune.search.optuna import OptunaSearch
 from ..pareto import ACC, SIZE
 from .results import ResultsWriter
 from .space import SearchSpace, space_function
+from .storage import STUDY_NAME, SnapshotJournal, reopen
 
 log = logging.getLogger("kdsearch.search")
 
@@ -53,11 +61,20 @@ def make_sampler(kind: str, seed: int, num_trials: int) -> optuna.samplers.BaseS
 
 
 class BudgetSearch(OptunaSearch):
-    """OptunaSearch over a `SearchSpace` with (accuracy max, size min) objectives; see the module doc."""
+    """OptunaSearch over a `SearchSpace` with (accuracy max, size min) objectives; see the module doc.
+
+    `journal`: the Optuna journal file the study lives in (None: in memory, for tests and the benchmark's
+    searcher-only loop).
+    """
+
+    # class defaults: a searcher state pickled before these existed restores with an in-memory study
+    _journal: SnapshotJournal | None = None
+    _journal_mark: int | None = None  # set by a restore: the journal size to cut back to before first use
+    _dirty = False  # the tables lag the study
 
     def __init__(self, space: SearchSpace, *, sampler: optuna.samplers.BaseSampler, trial_epochs: int,
                  points_to_evaluate: list[dict[str, int]] | None = None, writer: ResultsWriter | None = None,
-                 max_skips: int = 200) -> None:
+                 max_skips: int = 200, journal: str | Path | None = None) -> None:
         self.space = space
         self.trial_epochs = int(trial_epochs)
         self.writer = writer
@@ -67,12 +84,57 @@ class BudgetSearch(OptunaSearch):
         self.skipped = {"infeasible": 0, "duplicate": 0}
         self.revived: dict[str, dict[str, Any]] = {}  # errored trials a restore resumed: their new results
         self._feasible_total: int | None = None
+        self._journal = SnapshotJournal(journal) if journal is not None else None
+        storage = optuna.storages.JournalStorage(self._journal) if self._journal is not None else None
         super().__init__(space=space_function(space), metric=[ACC, SIZE], mode=["max", "min"],
-                         points_to_evaluate=points_to_evaluate or None, sampler=sampler)
+                         points_to_evaluate=points_to_evaluate or None, sampler=sampler, study_name=STUDY_NAME,
+                         storage=storage)
 
     @property
     def study(self) -> optuna.Study:
+        self._attach()
         return self._ot_study
+
+    # -- the study on disk ---------------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if self._journal is not None:  # the state refers to the journal as of now: put it on disk, mark it
+            state["_journal_mark"] = self._journal.flush()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def save(self, checkpoint_path: str) -> None:
+        """Tune's experiment snapshot: tables and journal brought up to date, then the state with the mark."""
+        self.flush()
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__getstate__(), f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__setstate__(pickle.load(f))
+
+    def flush(self) -> None:
+        """The journal's buffered operations, and the tables if they lag the study: at once when no trial is
+        running (the end of a search, a test), else as the writer's spacing allows (snapshots come every second,
+        and rebuilding the tables grows with the study)."""
+        self._attach()
+        if self._dirty:
+            self._write(force=len(self._completed_trials) >= len(self._ot_trials))
+        if self._journal is not None:
+            self._journal.flush()
+
+    def _attach(self) -> None:
+        """First use after a restore: cut the journal back to the snapshot's mark, then re-read the study."""
+        if self._journal_mark is None:
+            return
+        mark, self._journal_mark = self._journal_mark, None
+        dropped = self._journal.truncate(mark)
+        reopen(self._storage)
+        n = len(self._ot_study.get_trials(deepcopy=False))
+        log.info("search: study restored from %s: %d samples%s", self._journal.path, n,
+                 f"; dropped {dropped} bytes written after the last snapshot" if dropped else "")
 
     # -- sampling ------------------------------------------------------------------------------------------
     def _exhausted(self) -> bool:
@@ -84,6 +146,7 @@ class BudgetSearch(OptunaSearch):
         return 0 <= self._feasible_total <= len(self.seen)
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        self._attach()
         if trial_id in self._ot_trials:  # asked again for the same trial: same answer
             t = self._ot_trials[trial_id]
             return {"number": t.number, "bits": dict(t.user_attrs["bits"])}
@@ -132,6 +195,7 @@ class BudgetSearch(OptunaSearch):
 
     # -- results -------------------------------------------------------------------------------------------
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        self._attach()
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is None:
             return
@@ -143,6 +207,7 @@ class BudgetSearch(OptunaSearch):
         self._write(force=False)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        self._attach()
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is None:
             return
@@ -170,7 +235,7 @@ class BudgetSearch(OptunaSearch):
         self._completed_trials.add(trial_id)
         log.info("search: trial %d (%s) %s: acc=%s size=%.4f MB after %d epoch(s)", ot_trial.number, trial_id,
                  status, f"{acc:.2f}" if acc is not None else "-", attrs[SIZE], epoch)
-        self._write(force=True)
+        self._write(force=False)
 
     def _frozen(self, number: int) -> optuna.trial.FrozenTrial:
         return next(t for t in self._ot_study.get_trials(deepcopy=False) if t.number == number)
@@ -191,7 +256,7 @@ class BudgetSearch(OptunaSearch):
             values=[float(acc), float(attrs[SIZE])] if done else None, params=frozen.params,
             distributions=frozen.distributions, user_attrs=attrs, constraints=frozen.constraints))
         log.info("search: errored trial %d (%s) was resumed and %s", frozen.number, trial_id, attrs["status"])
-        self._write(force=True)
+        self._write(force=False)
 
     def _record(self, ot_trial: Any, result: dict[str, Any]) -> None:
         for k in REPORTED:
@@ -201,8 +266,11 @@ class BudgetSearch(OptunaSearch):
             ot_trial.set_user_attr("wall_s", float(result["time_total_s"]))
 
     def _write(self, force: bool) -> None:
+        """Rebuild the tables (at most once per `writer.min_interval_s` unless forced); `flush` catches up."""
+        self._dirty = True
         if self.writer is not None:
             try:
-                self.writer.write(self._ot_study, force=force)
+                if self.writer.write(self._ot_study, force=force) is not None:
+                    self._dirty = False
             except OSError as err:  # a full disk must not kill the search; the next write retries
                 log.warning("search: could not write results: %s", err)

@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     """Run a synthetic search in a fresh local Ray (restoring OUT_DIR's experiment when there is one)."""
     import ray
 
+    from ..context import setup_logging
+    from ..raycluster import ensure_ray
     from ..spec import SearchConfig
     from .runner import run_search
 
@@ -110,9 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cpus", type=int, default=2)
     p.add_argument("--no-asha", action="store_true")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    ray.init(address="local", num_cpus=a.cpus, include_dashboard=False, configure_logging=False,
-             log_to_driver=False)
+    setup_logging(logging.INFO)
+    ensure_ray("local", num_cpus=a.cpus)  # as `kdsearch run` does: worker output reaches this console
     space = toy_space(a.layers, a.budget_fraction)
     cfg = SearchConfig(budgets_mb=(space.budget_mb,), num_trials=a.trials, trial_epochs=a.epochs, sampler=a.sampler,
                        asha=not a.no_asha, cpus_per_trial=1)

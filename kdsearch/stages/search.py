@@ -23,7 +23,7 @@ from ..context import RunContext
 from ..io import atomic_write_json, file_digest, stable_hash
 from ..pareto import ACC
 from ..spec import Spec
-from .results import read_results, read_summary, search_dir
+from ..search.results import read_results, read_summary, search_dir
 
 log = logging.getLogger("kdsearch.search")
 
@@ -75,9 +75,9 @@ def search_stage(spec: Spec, ctx: RunContext, *, out_dir: Path | None = None, us
     from ..distill import ensure_logit_cache, logit_cache_dir, make_pool
     from ..raycluster import cluster_gpus, ensure_ray
     from ..rundir import RunDir
-    from .runner import run_search
-    from .space import build_space, prior_candidates, uniform_configs
-    from .trial import QatPayload, qat_trial
+    from ..search.runner import run_search
+    from ..search.space import build_space, prior_candidates, uniform_configs
+    from ..search.trial import QatPayload, qat_trial
 
     run_dir = ctx.run_dir.resolve()
     student = RunDir(run_dir).student("kd", spec.seed)
@@ -114,8 +114,7 @@ def search_stage(spec: Spec, ctx: RunContext, *, out_dir: Path | None = None, us
                                  pool_tag=teachers.tag, teachers=tuple(teachers.teachers),
                                  cpus=spec.search.cpus_per_trial, key=key)
         summary = run_search(space, spec.search, out_dir=out, trainable=qat_trial, payload=payload, seed=seed,
-                             warm_starts=warm, use_gpu=use_gpu, reserved_cpus=reserved,
-                             verbose=1 if ctx.progress else 0)
+                             warm_starts=warm, use_gpu=use_gpu, reserved_cpus=reserved)
     finally:
         if teachers is not None:
             teachers.shutdown()
