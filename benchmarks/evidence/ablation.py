@@ -53,7 +53,9 @@ def main() -> None:
         by_row.setdefault(row, {})[m["seed"]] = m["test_acc"]
         val.setdefault(row, {})[m["seed"]] = m["val_acc"]
     teachers = json.loads((Path(args.run_dir) / "manifest.json").read_text())["stages"]["teachers"]["summary"]
-    lines = [f"Distillation ablation, {spec.student.arch} student, CIFAR-10 (JPEG q75 copy), seeds {list(spec.seeds)}; "
+    version = next(iter(out.values()))["data_version"]
+    data = "CIFAR-10 (JPEG q75 copy)" if "cifar10-jpeg" in version else spec.data.dataset
+    lines = [f"Distillation ablation, {spec.student.arch} student, {data}, seeds {list(spec.seeds)}; "
              f"teachers: " + ", ".join(f"{a} test {t['test_acc']:.2f}%" for a, t in teachers["teachers"].items()),
              "", "| row | test acc. (%) | val acc. (%) | n | vs scratch (paired) | vs KD-average (paired) |",
              "|---|---|---|---|---|---|"]
@@ -67,7 +69,7 @@ def main() -> None:
               difference_line("KD-dynamic - KD-average", by_row["KD-dynamic"], by_row["KD-average"])]
     meta = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
             "command": " ".join(["python", *sys.argv]), "seeds": list(spec.seeds),
-            "data_version": next(iter(out.values()))["data_version"], "spec": spec.to_dict()}
+            "data_version": version, "spec": spec.to_dict()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps({**meta, "test_acc": by_row, "val_acc": val}, indent=1) + "\n")
     text = "\n".join(lines) + f"\n\nMachine: {meta['machine']}; command: `{meta['command']}`; data version " \
