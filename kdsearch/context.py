@@ -34,11 +34,24 @@ class RunContext:
         return resolve_device(self.device_request)
 
 
+class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """A handler that writes to whatever `sys.stderr` is when a record is emitted, not the stream it saw when it
+    was made: a program (or a test harness) that swaps stderr must not leave the logger writing to a closed file."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """One line per event on stderr: readable in a terminal and in a log file alike."""
     root = logging.getLogger("kdsearch")
     if not root.handlers:
-        h = logging.StreamHandler()
+        h = _CurrentStderr()
         h.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
         root.addHandler(h)
     root.setLevel(level)

@@ -416,7 +416,7 @@ def test_splits_depend_only_on_the_data_config() -> None:
 
     d = yaml.safe_load(SMOKE.read_text())
     d["data"].update(train_size=240, test_size=60)
-    no_seed = {k: v for k, v in d.items() if k != "seed"}
+    no_seed = {k: v for k, v in d.items() if k not in ("seed", "seeds")}
     specs = [parse_spec(d), parse_spec({**no_seed, "seeds": [3, 1, 2]}), parse_spec({**no_seed, "seed": 9}),
              parse_spec(no_seed, {"student.train.epochs": 1})]
     assert [s.seeds for s in specs] == [(0,), (3, 1, 2), (9,), (0,)]

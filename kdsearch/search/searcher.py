@@ -233,7 +233,7 @@ class BudgetSearch(OptunaSearch):
         except Exception as err:  # noqa: BLE001 - e.g. a NaN accuracy: keep the search going
             log.warning("search: could not tell trial %s to Optuna: %s", ot_trial.number, err)
         self._completed_trials.add(trial_id)
-        log.info("search: trial %d (%s) %s: acc=%s size=%.4f MB after %d epoch(s)", ot_trial.number, trial_id,
+        log.info("search: trial %d (%s) %s: val_acc=%s size=%.4f MB after %d epoch(s)", ot_trial.number, trial_id,
                  status, f"{acc:.2f}" if acc is not None else "-", attrs[SIZE], epoch)
         self._write(force=False)
 
