@@ -213,6 +213,7 @@ def test_dashboard_without_the_extra_says_how_to_install_it(tmp_path, monkeypatc
     from kdsearch.cli import main
 
     run_dir = _run_dir_with_study(tmp_path)
+    capsys.readouterr()  # what building the study logged is not the command's output
     monkeypatch.setitem(sys.modules, "optuna_dashboard", None)  # unimportable, whether installed here or not
     assert main(["dashboard", str(run_dir)]) == 2
     out, err = capsys.readouterr()
