@@ -74,7 +74,7 @@ def student_units(spec: Spec, run_dir: Path, *, strategies: tuple[str, ...] | No
     """Submit every seed's scratch student, cache and KD students: ({label: ref}, the live teacher pool or
     None; shut it down once the refs are gathered). Needs a connected Ray."""
     res = Resources.for_spec(spec.device, spec.student.cpus, spec.student.gpus)
-    strategies = strategies or (spec.distill.strategy,)
+    strategies = (spec.distill.strategy,) if strategies is None else strategies
     d, rd = spec.to_dict(), str(Path(run_dir).resolve())
     pool = pool_tag = None
     if spec.distill.source == "live":
@@ -89,7 +89,7 @@ def student_units(spec: Spec, run_dir: Path, *, strategies: tuple[str, ...] | No
         if scratch:
             refs[f"scratch s{s}"] = submit(Unit(f"scratch student s{s}", _scratch_task, (d, rd, s), resources=res))
         deps = []
-        if spec.distill.source == "cache":
+        if spec.distill.source == "cache" and strategies:
             deps = [submit(Unit(f"logit cache s{s}", _cache_task, (d, rd, s), resources=res))]
         for strat in strategies:
             refs[f"{kd_kind(spec, strat)} s{s}"] = submit(
