@@ -118,11 +118,21 @@ class RunDir:
         return read_json(self.manifest_file) or {"stages": {}}
 
     def spec_dict(self) -> dict[str, Any]:
-        """The run's frozen spec as a plain dict (spec.yaml, else the manifest's copy); {} when neither exists."""
+        """The run's frozen spec as a plain dict (spec.yaml, else the manifest's copy); {} when neither exists.
+
+        A spec.yaml that cannot be read, or is not a mapping, is a one-line `RunDirError` (never a traceback)."""
         import yaml
 
-        if self.spec_file.is_file():
-            return yaml.safe_load(self.spec_file.read_text()) or {}
+        p = self.spec_file
+        if p.is_file():
+            try:
+                spec = yaml.safe_load(p.read_text()) or {}
+            except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+                raise unreadable(p, err) from None
+            if not isinstance(spec, dict):
+                raise RunDirError(f"{p} is not a spec (a YAML mapping); the run wrote it, so it was changed since: "
+                                  "restore it (manifest.json holds a copy) or delete it")
+            return spec
         return self.manifest().get("spec") or {}
 
     def seeds(self) -> list[int]:
@@ -130,6 +140,13 @@ class RunDir:
         if "seeds" in d:
             return [int(s) for s in d["seeds"]]
         return [int(d.get("seed", 0))]
+
+
+def unreadable(path: Path, err: BaseException) -> RunDirError:
+    """One line for a run file that exists but cannot be read (torn by a copy, edited, no permission)."""
+    why = " ".join(str(err).split())[:200]
+    return RunDirError(f"cannot read {path} ({type(err).__name__}: {why}); kdsearch writes it atomically, so it "
+                       "was damaged outside kdsearch: copy the run directory again or rerun the stage that writes it")
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -6,13 +6,12 @@ from another shell while a run is going, and on a copied run directory.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from .rundir import RunDirError  # noqa: F401  (re-exported: the CLI and tests catch it from here)
+from .rundir import RunDir, RunDirError, read_json, unreadable  # noqa: F401  (re-exported for the CLI and tests)
 from .tables import FRONT_FORMAT, markdown_table, render_table  # noqa: F401  (report.py imports markdown_table here)
 
 # The pipeline's stages in order. Not read from `kdsearch.pipeline.STAGES`: importing the pipeline imports torch,
@@ -22,48 +21,12 @@ STAGE_ORDER = ("teachers", "baselines", "sensitivity", "search", "finalize", "re
 
 def check_run_dir(run_dir: str | Path) -> Path:
     """The run directory as a Path, or a `RunDirError` saying what is wrong and what to give instead."""
-    p = Path(run_dir)
-    if not p.exists():
-        raise RunDirError(f"run directory '{p}' not found; give the folder `kdsearch run SPEC` made "
-                          "(default runs/<spec name>)")
-    if not p.is_dir():
-        raise RunDirError(f"'{p}' is a file, not a run directory; give the folder `kdsearch run SPEC` made "
-                          "(default runs/<spec name>)")
-    if not ((p / "manifest.json").is_file() or (p / "spec.yaml").is_file()):
-        raise RunDirError(f"'{p}' is not a kdsearch run directory (no manifest.json or spec.yaml); give the folder "
-                          "`kdsearch run SPEC` made (default runs/<spec name>)")
-    return p
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except json.JSONDecodeError:
-        return {}
+    return RunDir(run_dir).check().root
 
 
 def run_spec(run_dir: Path) -> dict[str, Any]:
-    """The run's frozen spec as a plain dict (spec.yaml, else the manifest's copy); {} when neither exists."""
-    import yaml
-
-    p = run_dir / "spec.yaml"
-    if p.is_file():
-        try:
-            spec = yaml.safe_load(p.read_text()) or {}
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-            raise unreadable(p, err) from None
-        if not isinstance(spec, dict):
-            raise RunDirError(f"{p} is not a spec (a YAML mapping); the run wrote it, so it was changed since: "
-                              "restore it (manifest.json holds a copy) or delete it")
-        return spec
-    return read_json(run_dir / "manifest.json").get("spec") or {}
-
-
-def unreadable(path: Path, err: BaseException) -> RunDirError:
-    """One line for a run file that exists but cannot be read (torn by a copy, edited, no permission)."""
-    why = " ".join(str(err).split())[:200]
-    return RunDirError(f"cannot read {path} ({type(err).__name__}: {why}); kdsearch writes it atomically, so it "
-                       "was damaged outside kdsearch: copy the run directory again or rerun the stage that writes it")
+    """The run's frozen spec as a plain dict (see `RunDir.spec_dict`)."""
+    return RunDir(run_dir).spec_dict()
 
 
 def stage_names() -> list[str]:

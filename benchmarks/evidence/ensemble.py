@@ -1,0 +1,36 @@
+"""Accuracy of the evidence teachers' ensemble (average of softmax, majority vote) on validation and test.
+
+    kdsearch train benchmarks/evidence/evidence.yaml --model teachers --run-dir /tmp/evrun   # imports the assets
+    python benchmarks/evidence/ensemble.py /tmp/evrun
+
+Run from the repo root. Uses the product's own teacher source and ensemble strategies (`kdsearch.distill`).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from kdsearch.data import EvalLoader, Normalizer, load_data
+from kdsearch.distill import InProcessTeachers, combine, load_teachers
+from kdsearch.spec import load_spec
+
+
+def main() -> None:
+    run_dir = sys.argv[1] if len(sys.argv) > 1 else "runs/evidence"
+    spec = load_spec(sys.argv[2] if len(sys.argv) > 2 else "benchmarks/evidence/evidence.yaml")
+    bundle = load_data(spec.data)
+    src = InProcessTeachers(load_teachers(spec, run_dir), Normalizer.from_bundle(bundle), torch.device("cpu"))
+    for split in ("val", "test"):
+        correct, n = {"average": 0, "vote": 0}, 0
+        for batch in EvalLoader(getattr(bundle, split), batch_size=1000):
+            logits = src.logits(batch.images)
+            for name in correct:
+                correct[name] += int((combine(name, logits, batch.labels).argmax(1) == batch.labels).sum())
+            n += len(batch.labels)
+        print(split, {name: round(100 * c / n, 2) for name, c in correct.items()})
+
+
+if __name__ == "__main__":
+    main()
