@@ -72,7 +72,7 @@ def search_stage(spec: Spec, ctx: RunContext, *, out_dir: Path | None = None, us
     """
     from ..checkpoints import CheckpointError, load_model, read_model_file
     from ..data import load_data
-    from ..distill import ensure_logit_cache, logit_cache_dir, make_pool
+    from ..distill import logit_cache_dir, make_pool
     from ..raycluster import cluster_gpus, ensure_ray
     from ..rundir import RunDir
     from ..search.runner import run_search
@@ -101,10 +101,14 @@ def search_stage(spec: Spec, ctx: RunContext, *, out_dir: Path | None = None, us
     try:
         if spec.distill.source == "cache":
             cache_dir = logit_cache_dir(run_dir, spec.seed)
-            if not (cache_dir / "meta.json").is_file():  # made by the baselines stage; rebuilt only if lost
-                import torch
+            if not (cache_dir / "meta.json").is_file():  # made by the baselines stage; rebuilt (as a task) if lost
+                from .baselines import _cache_task
+                from .tasks import Resources, Unit, gather, submit
 
-                ensure_logit_cache(spec, run_dir, load_data(spec.data), spec.seed, device=torch.device("cpu"))
+                res = Resources.for_spec(spec.device, spec.student.cpus, spec.student.gpus)
+                gather("search", {f"logit cache s{spec.seed}": submit(
+                    Unit(f"logit cache s{spec.seed}", _cache_task, (spec.to_dict(), str(run_dir), spec.seed),
+                         resources=res))})
             payload = QatPayload(spec.to_dict(), str(out / "trials"), str(student), space, "cache",
                                  cache_dir=str(cache_dir), cpus=spec.search.cpus_per_trial, key=key)
         else:  # one actor pool, started here and shared by every trial
