@@ -149,7 +149,7 @@ def teachers() -> dict[str, torch.nn.Module]:
 
 
 def test_inprocess_teachers_answer_per_teacher_logits(bundle, teachers) -> None:
-    src = InProcessTeachers(teachers, Normalizer.from_bundle(bundle), CPU)
+    src = InProcessTeachers(teachers, Normalizer.from_bundle(bundle), CPU, bf16=False)
     loader = TrainLoader(bundle, DATA, batch_size=64, seed=3)
     out = list(src.annotate(loader.epoch(0), 0))
     assert len(out) == len(loader)
@@ -158,6 +158,22 @@ def test_inprocess_teachers_answer_per_teacher_logits(bundle, teachers) -> None:
     with torch.no_grad():
         want = teachers["resnet8"](Normalizer.from_bundle(bundle)(batch.images))
     torch.testing.assert_close(logits[1], want, rtol=1e-4, atol=1e-4)
+
+
+def test_teachers_use_bf16_exactly_where_the_cpu_runs_it_natively(bundle, teachers) -> None:
+    from kdsearch.distill.numerics import native_cpu_bf16, teacher_numerics
+
+    src = InProcessTeachers(teachers, Normalizer.from_bundle(bundle), CPU)
+    assert src.bf16 == native_cpu_bf16()
+    assert teacher_numerics(CPU) == ("bf16" if native_cpu_bf16() else "fp32")
+    assert teacher_numerics(CPU, requested=False) == "fp32"
+    images = next(iter(TrainLoader(bundle, DATA, batch_size=64, seed=3).epoch(0))).images
+    fast = src.logits(images)
+    exact = InProcessTeachers(teachers, Normalizer.from_bundle(bundle), CPU, bf16=False).logits(images)
+    assert fast.dtype == torch.float32
+    # bf16 keeps ~3 significant digits: the soft targets are the same to well under a KD loss's noise.
+    torch.testing.assert_close(fast.softmax(-1), exact.softmax(-1), rtol=0, atol=2e-2)
+    assert (fast.argmax(-1) == exact.argmax(-1)).float().mean() > 0.95
 
 
 class _CountingBatches:

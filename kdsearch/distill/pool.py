@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from .numerics import teacher_autocast, teacher_bf16, teacher_format
 
 
 class TeacherActor:
@@ -38,9 +39,8 @@ class TeacherActor:
         if self.device.type == "cpu":
             # A Ray worker otherwise sizes torch's pool to the host, oversubscribing the cores it shares.
             torch.set_num_threads(max(1, threads))
-        gpu = self.device.type == "cuda"
-        self.fmt = torch.channels_last if gpu and channels_last else torch.contiguous_format
-        self.bf16 = gpu and bf16
+        self.fmt = teacher_format(self.device, channels_last)
+        self.bf16 = teacher_bf16(self.device, bf16)
         self.model = model.to(self.device, memory_format=self.fmt).eval().requires_grad_(False)
         self.norm = Normalizer(mean, std).to(self.device)
 
@@ -50,7 +50,7 @@ class TeacherActor:
             warnings.simplefilter("ignore", UserWarning)
             x = torch.from_numpy(images)
         x = self.norm(x.to(self.device, non_blocking=True)).contiguous(memory_format=self.fmt)
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
+        with torch.inference_mode(), teacher_autocast(self.device, self.bf16):
             out = self.model(x)
         return out.float().cpu().numpy()
 

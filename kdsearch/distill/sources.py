@@ -25,6 +25,7 @@ from ..io import stable_hash
 from ..rundir import RunDir
 from ..spec import Spec
 from .cache import LogitCache, build_logit_cache
+from .numerics import teacher_autocast, teacher_bf16, teacher_format, teacher_numerics
 from .pool import TeacherPool
 
 log = logging.getLogger("kdsearch.distill")
@@ -34,7 +35,7 @@ SOURCE_KINDS: tuple[str, ...] = ("cache", "live", "inprocess")
 
 
 class InProcessTeachers:
-    """Frozen teachers evaluated in this process on `device` (bf16 autocast + channels_last on a GPU)."""
+    """Frozen teachers evaluated in this process on `device` (numerics: `kdsearch.distill.numerics`)."""
 
     def __init__(self, models: Mapping[str, nn.Module] | list[nn.Module], normalizer: nn.Module,
                  device: torch.device, *, bf16: bool = True, channels_last: bool = True) -> None:
@@ -42,9 +43,8 @@ class InProcessTeachers:
         if not items:
             raise ValueError("InProcessTeachers needs at least one teacher")
         self.device = device
-        gpu = device.type == "cuda"
-        self.fmt = torch.channels_last if gpu and channels_last else torch.contiguous_format
-        self.bf16 = gpu and bf16
+        self.fmt = teacher_format(device, channels_last)
+        self.bf16 = teacher_bf16(device, bf16)
         self.models = [m.to(device, memory_format=self.fmt).eval().requires_grad_(False) for m in items]
         self.normalizer = normalizer.to(device)
 
@@ -52,8 +52,7 @@ class InProcessTeachers:
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, H, W] -> float32 logits [T, B, C]."""
         x = self.normalizer(images.to(self.device, non_blocking=True)).contiguous(memory_format=self.fmt)
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
-        with ctx:
+        with teacher_autocast(self.device, self.bf16):
             return torch.stack([m(x).float() for m in self.models])
 
     def annotate(self, batches: Iterable[Any], epoch: int) -> Iterator[tuple[Any, torch.Tensor]]:
@@ -125,7 +124,8 @@ def ensure_logit_cache(spec: Spec, run_dir: Path, bundle: Any, seed: int, *, dev
     """
     root = logit_cache_dir(run_dir, seed)
     key = stable_hash({"teachers": teachers_key(spec, run_dir), "data": bundle.version,
-                       "augment": [spec.data.augment, spec.data.cutout, spec.data.random_erasing]})
+                       "augment": [spec.data.augment, spec.data.cutout, spec.data.random_erasing],
+                       "numerics": teacher_numerics(device)})
     stream, epochs = cache_seed(spec, seed), epochs or cache_epochs_needed(spec)
     with contextlib.suppress(FileNotFoundError, ValueError):
         cache = LogitCache(root)
