@@ -91,7 +91,18 @@ def test_entropy_weights_favour_the_confident_teacher() -> None:
     torch.testing.assert_close(w.sum(0), torch.ones(1))
 
 
-@pytest.mark.parametrize("name", ["average", "vote", "dynamic", "entropy"])
+def test_dynamic_ka_ranks_the_label_first_and_only_permutes_wrong_rows() -> None:
+    # Sample 0: both teachers right (unchanged from dynamic). Sample 1: both wrong, class 2 on top.
+    z = _logits([[4.0, 0.0, 1.0], [0.0, 1.0, 5.0]], [[3.0, 0.5, 0.0], [0.5, 0.0, 4.0]])
+    y = torch.tensor([0, 1])
+    dyn, ka = combine("dynamic", z, y, 2.0), combine("dynamic_ka", z, y, 2.0)
+    torch.testing.assert_close(ka[0], dyn[0])
+    assert int(ka[1].argmax()) == 1
+    torch.testing.assert_close(ka[1], dyn[1][[0, 2, 1]])  # the label's and the top class's values swapped
+    torch.testing.assert_close(ka.sum(-1), torch.ones(2))
+
+
+@pytest.mark.parametrize("name", ["average", "vote", "dynamic", "entropy", "dynamic_ka"])
 def test_every_strategy_returns_distributions(name: str) -> None:
     g = torch.Generator().manual_seed(0)
     z = 3 * torch.randn(3, 16, 10, generator=g)

@@ -1,0 +1,293 @@
+"""Do the sensitivity priors pay? Hypervolume against trials on a real-image student with 22 quantizable layers.
+
+    python benchmarks/evidence/priors.py [--trials 20] [--seeds 0 1 2] [--compressions 6.6 4] [--arms ...]
+
+Run from the repo root (CIFAR-10 (JPEG q75 copy) from ../shared/data, the evidence spec's 45k/5k split).
+
+The problem. The student is the committed real-image resnet20 (benchmarks/assets/cifar10_jpeg/resnet20.pt,
+22 quantizable layers, first and last pinned at 8 bits, 20 searched over {16, 8, 4}). Two budgets:
+  * FP32 size / 6.6, the seed's compression, between uniform 8-bit (4x) and uniform 4-bit (8x): every
+    feasible configuration is mostly 4-bit, a needle in {16, 8, 4}^20 for a sampler that does not know sizes;
+  * FP32 size / 4: about 8 bits on average, where a third of random samples fit and the question is only
+    which layers get 16, 8 or 4 bits.
+The teacher for
+the trials' KD is the committed wrn_16_2 (val 84.5%). The sensitivity table and priors are kdsearch's own
+(`sensitivity.compute_table` on 512 calibration images of the train split, `build_priors`).
+
+The trial. kdsearch's search trial made short enough for 2 CPU cores x 5 arms x 3 seeds x N trials: the
+quantized model (`quantize`, LSQ, activations at 8 bits) is trained by `train.fit` with QAT+KD (the spec's
+KD loss, T=4, alpha=0.9) for one pass over a fixed, seeded 768-image subset of the train split, and scored
+on a fixed, seeded 1,000-image subset of the validation split. Nothing reads test. A trial is deterministic
+in its configuration (one thread, fixed seeds), so its score is memoised (runs/evidence_priors/trials.json)
+and shared by every arm and seed that proposes the same configuration: an arm is charged for each trial it
+launches, whether or not another arm paid for it first.
+
+The search. The arms differ only in the sampler and what seeds it, with kdsearch's own `BudgetSearch`
+(Optuna under Ray Tune's Searcher API, the hard budget as a constraint, infeasible and repeated samples
+skipped without a trial), driven here one trial at a time without Tune (concurrency only adds noise to
+a comparison of samplers):
+  * random: Optuna's RandomSampler;
+  * plain TPE: multivariate TPE, no warm starts;
+  * TPE + uniform warm starts: the uniform 16/8/4 configurations the budget admits (only 4-bit here);
+  * TPE + sensitivity warm starts: the solver's configurations at 0.8-1.2 x budget, plus the uniform ones;
+  * TPE + sensitivity warm starts + exclusions: also never samples a (layer, bits) whose KL exceeds
+    `--exclude-above`.
+Hypervolume is kdsearch's (`pareto.hypervolume`, reference (0 %, 1.1 x budget)) over the trials completed
+so far. Writes benchmarks/results/priors_hypervolume.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+ASSETS = ROOT / "benchmarks" / "assets" / "cifar10_jpeg"
+TRAIN_IMAGES, VAL_IMAGES = 768, 1000
+
+ARMS = {  # name -> (sampler, sensitivity warm starts, uniform warm starts, exclusions)
+    "random": ("random", False, False, False),
+    "plain TPE": ("tpe", False, False, False),
+    "TPE + uniform warm starts": ("tpe", False, True, False),
+    "TPE + sensitivity warm starts": ("tpe", True, True, False),
+    "TPE + sensitivity warm starts + exclusions": ("tpe", True, True, True),
+}
+
+
+def problem_spec(exclude_above: float | None):
+    from kdsearch.spec import load_spec
+
+    return load_spec(str(HERE / "evidence.yaml"), {
+        "name": "evidence_priors", "seeds": [0], "student.arch": "resnet20",
+        "teachers.models": [{"arch": "wrn_16_2", "checkpoint": str(ASSETS / "wrn_16_2.pt")}],
+        "search.budgets_mb": [1.0], "sensitivity.exclude_above": exclude_above})
+
+
+class Problem:
+    """The student, its data subsets, the teacher and the memoised trial."""
+
+    def __init__(self, run_dir: Path, exclude_above: float | None) -> None:
+        from kdsearch.checkpoints import load_model
+        from kdsearch.data import EvalLoader, Normalizer, TrainLoader, load_data
+        from kdsearch.distill import InProcessTeachers
+        from kdsearch.quant import model_size
+
+        self.spec = problem_spec(exclude_above)
+        self.bundle = load_data(self.spec.data)
+        gen = torch.Generator().manual_seed(1234)
+        train = self.bundle.train.subset(torch.randperm(len(self.bundle.train), generator=gen)[:TRAIN_IMAGES])
+        val = self.bundle.val.subset(torch.randperm(len(self.bundle.val), generator=gen)[:VAL_IMAGES])
+        self.sub = dataclasses.replace(self.bundle, train=train, val=val)
+        self.student, _ = load_model(ASSETS / "resnet20.pt", arch="resnet20")
+        self.student.eval()
+        teacher, _ = load_model(ASSETS / "wrn_16_2.pt", arch="wrn_16_2")
+        self.norm = Normalizer.from_bundle(self.bundle)
+        self.teacher = InProcessTeachers({"wrn_16_2": teacher}, self.norm, torch.device("cpu"))
+        self.fp32_mb = model_size(self.student).total_mb
+        self.train_loader = lambda: TrainLoader(self.sub, self.spec.data, batch_size=128, seed=0,
+                                                device=torch.device("cpu"))
+        self.val_loader = lambda: EvalLoader(self.sub.val, batch_size=500, device=torch.device("cpu"))
+        self.memo_path = run_dir / "trials.json"
+        self.memo: dict[str, float] = json.loads(self.memo_path.read_text()) if self.memo_path.is_file() else {}
+        self.paid = 0
+
+    def at_budget(self, compression: float) -> Any:
+        """The problem's spec with the search budget FP32 / `compression` (the priors' budget too)."""
+        budget = round(self.fp32_mb / compression, 6)
+        return self.spec.model_copy(update={"search": self.spec.search.model_copy(update={"budgets_mb": (budget,)})})
+
+    def accuracy(self, bits: dict[str, int]) -> float:
+        """Validation accuracy (%, on the 1,000-image subset) after the short QAT+KD of `bits`."""
+        from kdsearch.distill import KDLoss
+        from kdsearch.io import atomic_write_json
+        from kdsearch.quant import BitConfig, quantize
+        from kdsearch.runtime import seed_everything
+        from kdsearch.train import FitRun, fit
+
+        key = ",".join(f"{n}={bits[n]}" for n in sorted(bits))
+        if key not in self.memo:
+            seed_everything(0)
+            model = copy.deepcopy(self.student)
+            quantize(model, BitConfig(dict(bits)).validate(model), act_bits=self.spec.quant.act_bits)
+            cfg = self.spec.search.trial.model_copy(update={"epochs": 1})
+            res = fit(model, self.train_loader(), self.val_loader(), FitRun(
+                cfg, normalizer=self.norm, device=torch.device("cpu"), teacher=self.teacher,
+                kd_loss=KDLoss.from_config(self.spec.distill), progress=False, desc="priors trial"))
+            self.memo[key] = float(res.final["val_acc"])
+            self.paid += 1
+            atomic_write_json(self.memo_path, self.memo)
+        return self.memo[key]
+
+
+def sensitivity_priors(problem: Problem, run_dir: Path, spec: Any) -> dict[str, Any]:
+    """kdsearch's sensitivity table (measured once, kept in run_dir) and the priors built from it."""
+    import pandas as pd
+
+    from kdsearch.io import atomic_to_parquet, atomic_write_json
+    from kdsearch.sensitivity import build_priors, compute_table
+
+    table_path, meta_path = run_dir / "sensitivity.parquet", run_dir / "sensitivity.json"
+    if table_path.is_file() and meta_path.is_file():
+        table, meta = pd.read_parquet(table_path), json.loads(meta_path.read_text())
+    else:
+        table, meta = compute_table(problem.spec, problem.student, torch.device("cpu"))
+        atomic_to_parquet(table, table_path)
+        atomic_write_json(meta_path, meta)
+    return build_priors(spec, table, int(meta["fixed_bytes"]), problem.student)
+
+
+def run_arm(problem: Problem, spec: Any, priors: dict[str, Any], arm: str, seed: int, trials: int) -> dict[str, Any]:
+    """One search of `trials` launched trials; the HV curve is padded with its last value where the searcher
+    stopped early (200 over-budget or repeated samples in a row: kdsearch's own give-up rule)."""
+    from kdsearch.pareto import ACC, SIZE, hypervolume_history, reference_point
+    from kdsearch.search import BudgetSearch, make_sampler
+    from kdsearch.search.space import build_space, prior_candidates, uniform_configs, warm_start_points
+
+    sampler, sens, uniform, exclude = ARMS[arm]
+    starts, excluded = prior_candidates(priors)
+    budget = spec.search.budgets_mb[0]
+    space = build_space(problem.student, spec.quant, budget, excluded if exclude else None)
+    warm = (starts if sens else []) + (uniform_configs(space, spec.quant.bits) if uniform else [])
+    points, _ = warm_start_points(space, warm)
+    search = BudgetSearch(space, sampler=make_sampler(sampler, seed, trials), trial_epochs=1,
+                          points_to_evaluate=points or None)
+    accs, sizes, t0 = [], [], time.perf_counter()
+    for i in range(trials):
+        s = search.suggest(f"t{i}")
+        if not isinstance(s, dict):
+            break
+        bits = s["bits"]
+        res = {"epoch": 1, ACC: problem.accuracy(bits), SIZE: space.size_mb(bits), "avg_bits": space.avg_bits(bits)}
+        search.on_trial_result(f"t{i}", res)
+        search.on_trial_complete(f"t{i}", res)
+        accs.append(res[ACC])
+        sizes.append(res[SIZE])
+    hv = hypervolume_history(list(zip(accs, sizes)), reference_point(budget)) if accs else []
+    hv += [hv[-1] if hv else 0.0] * (trials - len(hv))
+    return {"arm": arm, "seed": seed, "budget_mb": budget, "warm_starts": len(points), "val_acc": accs,
+            "size_mb": sizes, "launched": len(accs), "hypervolume": hv,
+            "infeasible_skipped": search.skipped["infeasible"], "seconds": time.perf_counter() - t0}
+
+
+def summarize(runs: list[dict[str, Any]], trials: int) -> dict[str, Any]:
+    at = max(1, round(0.3 * trials))
+    out = {}
+    for arm in ARMS:
+        rs = [r for r in runs if r["arm"] == arm]
+        if not rs:
+            continue
+        final = [r["hypervolume"][-1] for r in rs]
+        early = [r["hypervolume"][at - 1] for r in rs]
+        frac = [e / f if f > 0 else 0.0 for e, f in zip(early, final)]
+        best = [max(r["val_acc"], default=float("nan")) for r in rs]
+        out[arm] = {"n": len(rs), "final_hv": final, "hv_at_30pct": early, "fraction_at_30pct": frac,
+                    "best_val_acc": best, "launched": [r["launched"] for r in rs],
+                    "infeasible_skipped": [r["infeasible_skipped"] for r in rs], "curve_mean": [statistics.mean(c) for c in zip(*(r["hypervolume"] for r in rs))]}
+    return {"at_trial": at, "arms": out}
+
+
+def _ms(xs: list[float], nd: int = 3) -> str:
+    return f"{statistics.mean(xs):.{nd}f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.{nd}f}"
+
+
+def table(summary: dict[str, Any], meta: dict[str, Any], compression: float, budget: float) -> str:
+    arms = summary["arms"]
+    ref = arms.get("random", {}).get("final_hv")
+    lines = [f"Budget FP32 / {compression:g} = {budget:.4f} MB (resnet20 FP32 {meta['fp32_mb']:.4f} MB), "
+             f"{meta['trials']} trials per run, seeds {meta['seeds']}; hypervolume of (val acc %, size MB), "
+             "reference (0, 1.1 x budget).", "",
+             f"| arm | final HV | HV at trial {summary['at_trial']} (30%) | fraction of final HV at 30% | "
+             "best val acc (%) | trials launched | over-budget samples skipped | n |",
+             "|---|---|---|---|---|---|---|---|"]
+    for arm, a in arms.items():
+        lines.append(f"| {arm} | {_ms(a['final_hv'])} | {_ms(a['hv_at_30pct'])} | {_ms(a['fraction_at_30pct'])} | "
+                     f"{_ms(a['best_val_acc'], 2)} | {_ms(a['launched'], 1)} | {_ms(a['infeasible_skipped'], 0)} | "
+                     f"{a['n']} |")
+    if ref:
+        lines += ["", "Paired by sampler seed, HV at 30% of the trials minus random's (mean ± sd):"]
+        for arm, a in arms.items():
+            if arm != "random":
+                d = [x - y for x, y in zip(a["hv_at_30pct"], arms["random"]["hv_at_30pct"])]
+                sd = statistics.stdev(d) if len(d) > 1 else 0.0
+                verdict = "inside the spread" if abs(statistics.mean(d)) <= sd else "beyond the spread"
+                lines.append(f"- {arm}: {statistics.mean(d):+.3f} ± {sd:.3f} ({verdict})")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--compressions", type=float, nargs="+", default=[6.6, 4.0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--exclude-above", type=float, default=0.5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "evidence_priors")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "priors_hypervolume"))
+    ap.add_argument("--time-one-trial", action="store_true", help="time one uniform 8/4 trial and stop")
+    a = ap.parse_args()
+    from kdsearch.context import setup_logging
+    from kdsearch.io import atomic_write_json
+
+    setup_logging()
+    torch.set_num_threads(a.threads)
+    a.run_dir.mkdir(parents=True, exist_ok=True)
+    problem = Problem(a.run_dir, a.exclude_above)
+    if a.time_one_trial:
+        from kdsearch.quant import BitConfig
+
+        t0 = time.perf_counter()
+        acc = problem.accuracy(dict(BitConfig.uniform(problem.student, 4, pin=dict(problem.spec.quant.pin))))
+        print(f"uniform 4-bit trial: val {acc:.2f}% in {time.perf_counter() - t0:.1f}s")
+        return
+    runs_path = a.run_dir / "runs.json"
+    runs: list[dict[str, Any]] = json.loads(runs_path.read_text()) if runs_path.is_file() else []
+    meta = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": a.threads},
+            "command": " ".join(["python", *sys.argv]), "seeds": a.seeds, "trials": a.trials,
+            "data_version": problem.bundle.version, "fp32_mb": problem.fp32_mb, "exclude_above": a.exclude_above,
+            "train_images": TRAIN_IMAGES, "val_images": VAL_IMAGES, "budgets": {}}
+    texts = ["Priors study: resnet20 student on CIFAR-10 (JPEG q75 copy), 22 quantizable layers (20 searched over "
+             "16/8/4, first and last pinned at 8); trial = QAT+KD (wrn_16_2 teacher) for one pass over "
+             f"{TRAIN_IMAGES} train images, scored on {VAL_IMAGES} validation images."]
+    for comp in a.compressions:
+        spec = problem.at_budget(comp)
+        budget = spec.search.budgets_mb[0]
+        priors = sensitivity_priors(problem, a.run_dir, spec)
+        for seed in a.seeds:
+            for arm in a.arms:
+                if any(r["arm"] == arm and r["seed"] == seed and r.get("budget_mb") == budget
+                       and len(r["hypervolume"]) == a.trials for r in runs):
+                    continue
+                r = run_arm(problem, spec, priors, arm, seed, a.trials)
+                runs = [x for x in runs if not (x["arm"] == arm and x["seed"] == seed
+                                                and x.get("budget_mb") == budget)] + [r]
+                atomic_write_json(runs_path, runs)
+                print(f"1/{comp:g} {arm} s{seed}: {r['launched']} trials, final HV {r['hypervolume'][-1]:.4f} "
+                      f"({r['seconds']:.0f}s, {problem.paid} trials paid so far)", flush=True)
+        mine = [r for r in runs if r["seed"] in a.seeds and r["arm"] in a.arms and r.get("budget_mb") == budget]
+        summary = summarize(mine, a.trials)
+        meta["budgets"][f"{comp:g}"] = {"budget_mb": budget, **summary, "excluded": priors["excluded"],
+                                        "warm_starts": [w["bit_config"] for w in priors["warm_starts"]]}
+        texts.append(table(summary, meta, comp, budget))
+    text = "\n\n".join(texts)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(Path(a.out + ".json"), {**meta, "runs": runs})
+    Path(a.out + ".md").write_text(text + f"\n\nMachine: {meta['machine']}; command: `{meta['command']}`; "
+                                          f"data version `{meta['data_version']}`.\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
