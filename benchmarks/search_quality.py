@@ -240,14 +240,14 @@ def quality(run_dir: Path, trials: int, seeds: list[int]) -> dict[str, Any]:
 def table(q: dict[str, Any] | None, o: dict[str, float] | None) -> str:
     lines = []
     if q:
-        lines += [f"budget {q['budget_mb']:.6f} MB; float KD student {q['kd_student_acc']:.2f} %", "",
-                  "| method | hypervolume (mean ± sd) | best acc % (mean) | smallest trained MB (mean) "
+        lines += [f"budget {q['budget_mb']:.6f} MB; float KD student {q['kd_student_val_acc']:.2f} % (val)", "",
+                  "| method | hypervolume (mean ± sd) | best val acc % (mean) | smallest trained MB (mean) "
                   "| infeasible samples (mean) | runs |",
                   "|---|---|---|---|---|---|"]
         for name in METHODS:
             rs = [r for k, r in q["runs"].items() if k.split("|")[0] == name]
             hv = [r["hypervolume"] for r in rs]
-            acc = [r["best_acc"] for r in rs if r["best_acc"] is not None]
+            acc = [r["best_val_acc"] for r in rs if r["best_val_acc"] is not None]
             sd = statistics.stdev(hv) if len(hv) > 1 else 0.0
             lines.append(f"| {name} | {statistics.mean(hv):.4f} ± {sd:.4f} | "
                          f"{statistics.mean(acc) if acc else float('nan'):.2f} | "

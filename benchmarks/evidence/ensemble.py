@@ -1,7 +1,10 @@
 """Accuracy of the evidence teachers' ensemble (average of softmax, majority vote) on validation and test.
 
     kdsearch train benchmarks/evidence/evidence.yaml --model teachers --run-dir /tmp/evrun   # imports the assets
-    python benchmarks/evidence/ensemble.py /tmp/evrun
+    python benchmarks/evidence/ensemble.py /tmp/evrun [SPEC]
+
+Measured twice: with the teachers' numerics on this machine (`kdsearch.distill.numerics`: bf16 on a CPU with
+native bf16) and in fp32, so the cost of bf16 teachers to the ensemble's accuracy is on record.
 
 Run from the repo root. Uses the product's own teacher source and ensemble strategies (`kdsearch.distill`).
 """
@@ -21,7 +24,13 @@ def main() -> None:
     run_dir = sys.argv[1] if len(sys.argv) > 1 else "runs/evidence"
     spec = load_spec(sys.argv[2] if len(sys.argv) > 2 else "benchmarks/evidence/evidence.yaml")
     bundle = load_data(spec.data)
-    src = InProcessTeachers(load_teachers(spec, run_dir), Normalizer.from_bundle(bundle), torch.device("cpu"))
+    for bf16 in (True, False):
+        src = InProcessTeachers(load_teachers(spec, run_dir), Normalizer.from_bundle(bundle), torch.device("cpu"),
+                                bf16=bf16)
+        measure(src, bundle, "bf16" if src.bf16 else "fp32")
+
+
+def measure(src: InProcessTeachers, bundle, numerics: str) -> None:
     for split in ("val", "test"):
         correct, n = {"average": 0, "vote": 0}, 0
         for batch in EvalLoader(getattr(bundle, split), batch_size=1000):
@@ -29,7 +38,7 @@ def main() -> None:
             for name in correct:
                 correct[name] += int((combine(name, logits, batch.labels).argmax(1) == batch.labels).sum())
             n += len(batch.labels)
-        print(split, {name: round(100 * c / n, 2) for name, c in correct.items()})
+        print(numerics, split, {name: round(100 * c / n, 2) for name, c in correct.items()}, flush=True)
 
 
 if __name__ == "__main__":
