@@ -85,6 +85,12 @@ def test_run_on_a_cluster_whose_head_has_no_resources_survives_a_lost_worker(tmp
         for stage, ids in nodes.items():
             assert ids <= workers, f"{stage} ran on {ids - workers} (head {cluster.head_node.node_id})"
         assert second.node_id in nodes["finalize"]  # the lost work was redone on the fresh node
+        # The workers started with kdsearch's malloc settings (raycluster.WORKER_ENV), on both worker nodes.
+        sens = json.loads((run_dir / "sensitivity" / "sensitivity.json").read_text())["node"]
+        finals = [json.loads(p.read_text())["node"] for p in (run_dir / "final").glob("*.s0.json")]
+        from kdsearch.raycluster import WORKER_ENV
+
+        assert all(n["malloc"] == WORKER_ENV for n in [sens, *finals]), [sens, *finals]
         # Every model finalized once: a retried one continued from its checkpoint instead of starting over.
         models = [json.loads(p.read_text()) for p in (run_dir / "final").glob("*.s0.json")]
         assert models and all(m["export_ok"] for m in models)
