@@ -1,15 +1,15 @@
 """Do the sensitivity priors pay? Hypervolume against trials on a real-image student with 22 quantizable layers.
 
-    python benchmarks/evidence/priors.py [--trials 20] [--seeds 0 1 2] [--compressions 6.6 4] [--arms ...]
+    python benchmarks/evidence/priors.py [--trials 20] [--seeds 0 1 2] [--settings 6.6:16/8/4 10:8/4/2] [--arms ...]
 
 Run from the repo root (CIFAR-10 (JPEG q75 copy) from ../shared/data, the evidence spec's 45k/5k split).
 
 The problem. The student is the committed real-image resnet20 (benchmarks/assets/cifar10_jpeg/resnet20.pt,
-22 quantizable layers, first and last pinned at 8 bits, 20 searched over {16, 8, 4}). Two budgets:
-  * FP32 size / 6.6, the seed's compression, between uniform 8-bit (4x) and uniform 4-bit (8x): every
+22 quantizable layers, first and last pinned at 8 bits, 20 searched). Two settings (compression:bit choices):
+  * 6.6:16/8/4, the seed's compression and widths: between uniform 8-bit (4x) and uniform 4-bit (8x), so every
     feasible configuration is mostly 4-bit, a needle in {16, 8, 4}^20 for a sampler that does not know sizes;
-  * FP32 size / 4: about 8 bits on average, where a third of random samples fit and the question is only
-    which layers get 16, 8 or 4 bits.
+  * 10:8/4/2: a mix of 4 and 2 bits, where (unlike 4 bits) a 2-bit layer costs accuracy that short QAT does
+    not win back, so which layers keep 4 or 8 bits matters, and a sensitivity table has something to rank.
 The teacher for
 the trials' KD is the committed wrn_16_2 (val 84.5%). The sensitivity table and priors are kdsearch's own
 (`sensitivity.compute_table` on 512 calibration images of the train split, `build_priors`).
@@ -103,10 +103,13 @@ class Problem:
         self.memo: dict[str, float] = json.loads(self.memo_path.read_text()) if self.memo_path.is_file() else {}
         self.paid = 0
 
-    def at_budget(self, compression: float) -> Any:
-        """The problem's spec with the search budget FP32 / `compression` (the priors' budget too)."""
-        budget = round(self.fp32_mb / compression, 6)
-        return self.spec.model_copy(update={"search": self.spec.search.model_copy(update={"budgets_mb": (budget,)})})
+    def at_budget(self, compression: float, bits: tuple[int, ...]) -> Any:
+        """The problem's spec with the search budget FP32 / `compression` (the priors' budget too) and bit choices."""
+        from kdsearch.spec import parse_spec
+
+        d = self.spec.to_dict()
+        return parse_spec(d | {"search": d["search"] | {"budgets_mb": [round(self.fp32_mb / compression, 6)]},
+                               "quant": d["quant"] | {"bits": list(bits)}})
 
     def accuracy(self, bits: dict[str, int]) -> float:
         """Validation accuracy (%, on the 1,000-image subset) after the short QAT+KD of `bits`."""
@@ -138,11 +141,12 @@ def sensitivity_priors(problem: Problem, run_dir: Path, spec: Any) -> dict[str, 
     from kdsearch.io import atomic_to_parquet, atomic_write_json
     from kdsearch.sensitivity import build_priors, compute_table
 
-    table_path, meta_path = run_dir / "sensitivity.parquet", run_dir / "sensitivity.json"
+    tag = "-".join(map(str, spec.quant.bits))
+    table_path, meta_path = run_dir / f"sensitivity_{tag}.parquet", run_dir / f"sensitivity_{tag}.json"
     if table_path.is_file() and meta_path.is_file():
         table, meta = pd.read_parquet(table_path), json.loads(meta_path.read_text())
     else:
-        table, meta = compute_table(problem.spec, problem.student, torch.device("cpu"))
+        table, meta = compute_table(spec, problem.student, torch.device("cpu"))
         atomic_to_parquet(table, table_path)
         atomic_write_json(meta_path, meta)
     return build_priors(spec, table, int(meta["fixed_bytes"]), problem.student)
@@ -176,7 +180,8 @@ def run_arm(problem: Problem, spec: Any, priors: dict[str, Any], arm: str, seed:
         sizes.append(res[SIZE])
     hv = hypervolume_history(list(zip(accs, sizes)), reference_point(budget)) if accs else []
     hv += [hv[-1] if hv else 0.0] * (trials - len(hv))
-    return {"arm": arm, "seed": seed, "budget_mb": budget, "warm_starts": len(points), "val_acc": accs,
+    return {"arm": arm, "seed": seed, "budget_mb": budget, "bits": list(spec.quant.bits), "warm_starts": len(points),
+            "val_acc": accs,
             "size_mb": sizes, "launched": len(accs), "hypervolume": hv,
             "infeasible_skipped": search.skipped["infeasible"], "seconds": time.perf_counter() - t0}
 
@@ -202,10 +207,10 @@ def _ms(xs: list[float], nd: int = 3) -> str:
     return f"{statistics.mean(xs):.{nd}f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.{nd}f}"
 
 
-def table(summary: dict[str, Any], meta: dict[str, Any], compression: float, budget: float) -> str:
+def table(summary: dict[str, Any], meta: dict[str, Any], compression: float, budget: float, bits: str) -> str:
     arms = summary["arms"]
     ref = arms.get("random", {}).get("final_hv")
-    lines = [f"Budget FP32 / {compression:g} = {budget:.4f} MB (resnet20 FP32 {meta['fp32_mb']:.4f} MB), "
+    lines = [f"### Bits {bits}, budget FP32 / {compression:g} = {budget:.4f} MB (resnet20 FP32 {meta['fp32_mb']:.4f} MB), "
              f"{meta['trials']} trials per run, seeds {meta['seeds']}; hypervolume of (val acc %, size MB), "
              "reference (0, 1.1 x budget).", "",
              f"| arm | final HV | HV at trial {summary['at_trial']} (30%) | fraction of final HV at 30% | "
@@ -229,7 +234,8 @@ def table(summary: dict[str, Any], meta: dict[str, Any], compression: float, bud
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=20)
-    ap.add_argument("--compressions", type=float, nargs="+", default=[6.6, 4.0])
+    ap.add_argument("--settings", nargs="+", default=["6.6:16/8/4", "10:8/4/2"],
+                    help="compression:bit choices, e.g. 6.6:16/8/4")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--exclude-above", type=float, default=0.5)
@@ -260,9 +266,11 @@ def main() -> None:
             "train_images": TRAIN_IMAGES, "val_images": VAL_IMAGES, "budgets": {}}
     texts = ["Priors study: resnet20 student on CIFAR-10 (JPEG q75 copy), 22 quantizable layers (20 searched over "
              "16/8/4, first and last pinned at 8); trial = QAT+KD (wrn_16_2 teacher) for one pass over "
-             f"{TRAIN_IMAGES} train images, scored on {VAL_IMAGES} validation images."]
-    for comp in a.compressions:
-        spec = problem.at_budget(comp)
+             f"{TRAIN_IMAGES} train images, scored on {VAL_IMAGES} validation images (the same images for every trial)."]
+    for setting in a.settings:
+        comp_s, bits_s = setting.split(":")
+        comp, bits = float(comp_s), tuple(int(b) for b in bits_s.split("/"))
+        spec = problem.at_budget(comp, bits)
         budget = spec.search.budgets_mb[0]
         priors = sensitivity_priors(problem, a.run_dir, spec)
         for seed in a.seeds:
@@ -278,9 +286,9 @@ def main() -> None:
                       f"({r['seconds']:.0f}s, {problem.paid} trials paid so far)", flush=True)
         mine = [r for r in runs if r["seed"] in a.seeds and r["arm"] in a.arms and r.get("budget_mb") == budget]
         summary = summarize(mine, a.trials)
-        meta["budgets"][f"{comp:g}"] = {"budget_mb": budget, **summary, "excluded": priors["excluded"],
+        meta["budgets"][setting] = {"budget_mb": budget, **summary, "excluded": priors["excluded"],
                                         "warm_starts": [w["bit_config"] for w in priors["warm_starts"]]}
-        texts.append(table(summary, meta, comp, budget))
+        texts.append(table(summary, meta, comp, budget, bits_s))
     text = "\n\n".join(texts)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(Path(a.out + ".json"), {**meta, "runs": runs})
