@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .strategy_names import STRATEGY_NAMES
+
 if TYPE_CHECKING:
     from .context import RunContext
     from .spec import Spec
@@ -314,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train teachers or the student from scratch")
     _spec_args(p)
     p.add_argument("--model", default="student", help="'teachers', 'student' or an architecture name")
-    p.add_argument("--distill", choices=("average", "vote", "dynamic", "entropy"),
+    p.add_argument("--distill", choices=STRATEGY_NAMES,  # from kdsearch.strategy_names: no torch at start-up
                    help="train the student with ensemble KD from the trained teachers, with this strategy")
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("sensitivity", help="layer-wise sensitivity table and bit-allocation priors "

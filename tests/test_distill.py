@@ -112,6 +112,17 @@ def test_every_strategy_returns_distributions(name: str) -> None:
     torch.testing.assert_close(p.sum(-1), torch.ones(16))
 
 
+def test_the_spec_offers_exactly_the_registered_strategies() -> None:
+    from kdsearch.spec import DistillConfig
+    from kdsearch.strategy_names import STRATEGY_NAMES
+
+    assert sorted(STRATEGY_NAMES) == list_strategies()
+    for name in STRATEGY_NAMES:
+        assert DistillConfig(strategy=name).strategy == name
+    with pytest.raises(ValueError):
+        DistillConfig(strategy="median")
+
+
 def test_strategy_registry_errors() -> None:
     assert set(list_strategies()) >= {"average", "vote", "dynamic", "entropy"}
     with pytest.raises(ValueError, match="unknown ensemble strategy"):

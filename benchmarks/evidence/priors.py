@@ -204,6 +204,10 @@ def summarize(runs: list[dict[str, Any]], trials: int) -> dict[str, Any]:
 
 
 def _ms(xs: list[float], nd: int = 3) -> str:
+    """mean ± sample sd of the finite values ("-" when none: an arm that launched no trial has no best)."""
+    xs = [float(x) for x in xs if x == x]
+    if not xs:
+        return "-"
     return f"{statistics.mean(xs):.{nd}f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.{nd}f}"
 
 
