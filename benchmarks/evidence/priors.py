@@ -235,6 +235,27 @@ def table(summary: dict[str, Any], meta: dict[str, Any], compression: float, bud
     return "\n".join(lines)
 
 
+def plot_curves(meta: dict[str, Any], path: Path) -> None:
+    """Mean hypervolume against launched trials, one panel per setting, one line per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = meta["budgets"]
+    fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4), squeeze=False)
+    for ax, (setting, b) in zip(axes[0], settings.items()):
+        for arm, s in b["arms"].items():
+            ax.plot(range(1, len(s["curve_mean"]) + 1), s["curve_mean"], label=f"{arm} (n={s['n']})")
+        ax.axvline(b["at_trial"], color="grey", ls=":", lw=1)
+        ax.set(title=f"bits {setting.split(':')[1]}, budget FP32/{setting.split(':')[0]}", xlabel="trials launched",
+               ylabel="hypervolume (mean over seeds)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=20)
@@ -293,7 +314,8 @@ def main() -> None:
         meta["budgets"][setting] = {"budget_mb": budget, **summary, "excluded": priors["excluded"],
                                         "warm_starts": [w["bit_config"] for w in priors["warm_starts"]]}
         texts.append(table(summary, meta, comp, budget, bits_s))
-    text = "\n\n".join(texts)
+    plot_curves(meta, Path(a.out + ".png"))
+    text = "\n\n".join(texts + [f"Mean hypervolume curves: `{Path(a.out).name}.png`."])
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(Path(a.out + ".json"), {**meta, "runs": runs})
     Path(a.out + ".md").write_text(text + f"\n\nMachine: {meta['machine']}; command: `{meta['command']}`; "
