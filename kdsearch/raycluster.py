@@ -27,8 +27,8 @@ def plain_worker_prefixes() -> None:
 
 # glibc malloc settings for every worker of a kdsearch job: keep large tensors (activations of a 1,000-image
 # batch are 100+ MB) in the heap instead of a fresh mmap per allocation, whose page faults made a CPU worker
-# spend a third of its time in the kernel. On the 2-core dev VM this speeds teacher inference on CPU up 1.5x
-# (2x for a whole logit cache epoch: benchmarks/cpu_malloc.py, results/cpu_malloc.json). A user's value wins.
+# spend a third of its time in the kernel. On the 2-core dev VM this speeds teacher inference on CPU up about
+# 1.5x, side by side (benchmarks/cpu_teacher_inference.py, results/cpu_teacher_inference.json). A user's value wins.
 WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "1000000000"}
 
 

@@ -10,4 +10,4 @@ benchmarks/results/kd_ablation.md).
 from __future__ import annotations
 
 STRATEGY_NAMES: tuple[str, ...] = ("average", "vote", "dynamic", "entropy", "dynamic_ka")
-DEFAULT_STRATEGY = "average"
+DEFAULT_STRATEGY = STRATEGY_NAMES[0]

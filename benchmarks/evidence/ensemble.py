@@ -24,9 +24,9 @@ def main() -> None:
     run_dir = sys.argv[1] if len(sys.argv) > 1 else "runs/evidence"
     spec = load_spec(sys.argv[2] if len(sys.argv) > 2 else "benchmarks/evidence/evidence.yaml")
     bundle = load_data(spec.data)
+    teachers = load_teachers(spec, run_dir)
     for bf16 in (True, False):
-        src = InProcessTeachers(load_teachers(spec, run_dir), Normalizer.from_bundle(bundle), torch.device("cpu"),
-                                bf16=bf16)
+        src = InProcessTeachers(teachers, Normalizer.from_bundle(bundle), torch.device("cpu"), bf16=bf16)
         measure(src, bundle, "bf16" if src.bf16 else "fp32")
 
 

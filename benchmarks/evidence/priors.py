@@ -18,7 +18,8 @@ The trial. kdsearch's search trial made short enough for 2 CPU cores x 5 arms x 
 quantized model (`quantize`, LSQ, activations at 8 bits) is trained by `train.fit` with QAT+KD (the spec's
 KD loss, T=4, alpha=0.9) for one pass over a fixed, seeded 768-image subset of the train split, and scored
 on a fixed, seeded 1,000-image subset of the validation split. Nothing reads test. A trial is deterministic
-in its configuration (one thread, fixed seeds), so its score is memoised (runs/evidence_priors/trials.json)
+in its configuration (one thread, fixed seeds), so its score is memoised (runs/evidence_priors/trials.json,
+kept only while the trial recipe's key, `Problem.recipe`, is unchanged)
 and shared by every arm and seed that proposes the same configuration: an arm is charged for each trial it
 launches, whether or not another arm paid for it first.
 
@@ -99,8 +100,18 @@ class Problem:
         self.train_loader = lambda: TrainLoader(self.sub, self.spec.data, batch_size=128, seed=0,
                                                 device=torch.device("cpu"))
         self.val_loader = lambda: EvalLoader(self.sub.val, batch_size=500, device=torch.device("cpu"))
+        from kdsearch.io import file_digest, stable_hash
+
+        # Everything a trial's score depends on besides its bits: stored scores and finished runs count only
+        # under the same key (an edited subset size or trial recipe starts over instead of mixing recipes).
+        self.recipe = stable_hash({"train_images": TRAIN_IMAGES, "val_images": VAL_IMAGES, "subset_seed": 1234,
+                                   "data": self.bundle.version, "trial": self.spec.search.trial.model_dump(mode="json"),
+                                   "distill": self.spec.distill.model_dump(mode="json"),
+                                   "act_bits": self.spec.quant.act_bits, "student": file_digest(ASSETS / "resnet20.pt"),
+                                   "teacher": file_digest(ASSETS / "wrn_16_2.pt")})
         self.memo_path = run_dir / "trials.json"
-        self.memo: dict[str, float] = json.loads(self.memo_path.read_text()) if self.memo_path.is_file() else {}
+        stored = json.loads(self.memo_path.read_text()) if self.memo_path.is_file() else {}
+        self.memo: dict[str, float] = stored.get("trials", {}) if stored.get("recipe") == self.recipe else {}
         self.paid = 0
 
     def at_budget(self, compression: float, bits: tuple[int, ...]) -> Any:
@@ -130,7 +141,7 @@ class Problem:
                 kd_loss=KDLoss.from_config(self.spec.distill), progress=False, desc="priors trial"))
             self.memo[key] = float(res.final["val_acc"])
             self.paid += 1
-            atomic_write_json(self.memo_path, self.memo)
+            atomic_write_json(self.memo_path, {"recipe": self.recipe, "trials": self.memo})
         return self.memo[key]
 
 
@@ -285,6 +296,7 @@ def main() -> None:
         return
     runs_path = a.run_dir / "runs.json"
     runs: list[dict[str, Any]] = json.loads(runs_path.read_text()) if runs_path.is_file() else []
+    runs = [r for r in runs if r.get("recipe") == problem.recipe]
     meta = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": a.threads},
             "command": " ".join(["python", *sys.argv]), "seeds": a.seeds, "trials": a.trials,
             "data_version": problem.bundle.version, "fp32_mb": problem.fp32_mb, "exclude_above": a.exclude_above,
@@ -303,7 +315,7 @@ def main() -> None:
                 if any(r["arm"] == arm and r["seed"] == seed and r.get("budget_mb") == budget
                        and len(r["hypervolume"]) == a.trials for r in runs):
                     continue
-                r = run_arm(problem, spec, priors, arm, seed, a.trials)
+                r = run_arm(problem, spec, priors, arm, seed, a.trials) | {"recipe": problem.recipe}
                 runs = [x for x in runs if not (x["arm"] == arm and x["seed"] == seed
                                                 and x.get("budget_mb") == budget)] + [r]
                 atomic_write_json(runs_path, runs)

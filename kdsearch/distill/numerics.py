@@ -2,8 +2,9 @@
 
 Teachers only run inference, so reduced precision costs them nothing that matters for distillation (the KD
 targets are softened by T >= 1 and stored as float16 in the cache anyway) and buys a lot: on a GPU, bf16
-autocast; on a CPU with native bf16 (AVX512-BF16 / AMX), the same autocast runs resnet20 about 3x and
-wrn_16_2 about 5x faster than fp32 (benchmarks/teacher_serving.py; numbers in benchmarks/results/).
+autocast; on a CPU with native bf16 (AVX512-BF16 / AMX), the same autocast runs the evidence teachers
+(resnet20 + wrn_16_2) several times faster than fp32 (benchmarks/cpu_teacher_inference.py, results in
+benchmarks/results/cpu_teacher_inference.json).
 CPUs without native bf16 would emulate it, slower than fp32, so they stay in fp32. channels_last helps the
 convolutions on both devices. The numerics are part of what the teachers' logits depend on, so the logit
 cache's key includes `teacher_numerics` (a cache built in fp32 is not replayed as if it were bf16).
@@ -33,8 +34,9 @@ def teacher_bf16(device: torch.device, requested: bool = True) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and native_cpu_bf16())
 
 
-def teacher_format(device: torch.device, channels_last: bool = True) -> torch.memory_format:
-    return torch.channels_last if channels_last and device.type in ("cuda", "cpu") else torch.contiguous_format
+def teacher_format(channels_last: bool = True) -> torch.memory_format:
+    """channels_last (faster convolutions on GPUs and on oneDNN CPUs) unless the caller turns it off."""
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def teacher_autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager[object]:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
 from .numerics import teacher_autocast, teacher_bf16, teacher_format
 
 
@@ -39,7 +40,7 @@ class TeacherActor:
         if self.device.type == "cpu":
             # A Ray worker otherwise sizes torch's pool to the host, oversubscribing the cores it shares.
             torch.set_num_threads(max(1, threads))
-        self.fmt = teacher_format(self.device, channels_last)
+        self.fmt = teacher_format(channels_last)
         self.bf16 = teacher_bf16(self.device, bf16)
         self.model = model.to(self.device, memory_format=self.fmt).eval().requires_grad_(False)
         self.norm = Normalizer(mean, std).to(self.device)

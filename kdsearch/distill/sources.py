@@ -43,7 +43,7 @@ class InProcessTeachers:
         if not items:
             raise ValueError("InProcessTeachers needs at least one teacher")
         self.device = device
-        self.fmt = teacher_format(device, channels_last)
+        self.fmt = teacher_format(channels_last)
         self.bf16 = teacher_bf16(device, bf16)
         self.models = [m.to(device, memory_format=self.fmt).eval().requires_grad_(False) for m in items]
         self.normalizer = normalizer.to(device)
