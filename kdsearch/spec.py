@@ -198,8 +198,7 @@ class StudentConfig(_Cfg):
 class DistillConfig(_Cfg):
     """Ensemble KD (Hinton et al. 2015): loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE."""
 
-    # average: the measured best on real images (benchmarks/results/kd_ablation.md: CA-MKD's dynamic weighting
-    # was 0.40 ± 0.26 points below it over 3 seeds); the others stay as the ablation's baselines.
+    # The default is the first of STRATEGY_NAMES (see kdsearch/strategy_names.py for why).
     strategy: Literal[STRATEGY_NAMES] = DEFAULT_STRATEGY  # type: ignore[valid-type]
     temperature: float = Field(4.0, gt=0)
     alpha: float = Field(0.9, ge=0, le=1)
