@@ -21,8 +21,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 TINY = [
     "data.train_size=256", "data.test_size=128", "teachers.train.epochs=1", "student.train.epochs=2",
-    "distill.cache_epochs=1", "quant.qat.epochs=2", "search.num_trials=3", "search.trial_epochs=1",
+    "distill.cache_epochs=1", "quant.qat.epochs=3", "search.num_trials=3", "search.trial_epochs=1",
     "finalize.top_k=1",
+    # 3 QAT epochs: the node is removed when a first epoch checkpoint appears, and the task must still be running
+    # then (with 2 epochs a fast worker could finish its last epoch before the kill: a flake seen once in CI)
     # ask for GPUs: on this cluster only the worker node has them (declared; the tasks run on its CPU)
     "teachers.gpus=1", "student.gpus=1", "search.gpus_per_trial=0.5",
 ]
