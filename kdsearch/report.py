@@ -12,7 +12,10 @@ The seed's table (Baseline FP32, KD FP32, QAT Scratch/KD 16 and 8 bit, QAT Layer
 maps onto the run as: FP32 rows = students/scratch.pt and kd.pt; uniform rows = finalize's qat_scratch_16,
 qat_kd_16, qat_scratch_8, qat_kd_8; a "Mixed a/b" row = the most accurate finalized searched configuration
 whose widths are exactly {a, b}. Finalized configurations with other width sets get rows of their own,
-labelled by the widths they use (e.g. "Mixed 8/4/2-bit").
+labelled by the widths they use (e.g. "Mixed 8/4/2-bit"). Two baselines every compressed model is judged
+against get rows too: PTQ 8-bit (``ptq_kd_8``: the KD student quantized and calibrated, no training) and, per
+budget, the allocation-only model (the sensitivity solver's configuration with the same QAT+KD, no search);
+the efficiency section states the paired differences to them in words.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ log = logging.getLogger("kdsearch.report")
 NOT_RUN = "not run yet"
 UNIFORM_ROWS = (("QAT Scratch", "16-bit", "qat_scratch_16"), ("QAT KD", "16-bit", "qat_kd_16"),
                 ("QAT Scratch", "8-bit", "qat_scratch_8"), ("QAT KD", "8-bit", "qat_kd_8"))
+PTQ_ROW = ("PTQ (KD student, no training)", "8-bit", "ptq_kd_8")
+ALLOCATION = "allocation only"  # the role finalize gives the solver's configuration per budget
 MIXED_ROWS = ((16, 8), (8, 4))
 ROW_COLUMNS = ["Configuration", "Bit-width scheme", "Test acc. (%)", "n", "Val acc. (%)", "Size (MB)", "File (bytes)",
                "Avg bits", "Teachers", "Model"]
@@ -130,15 +135,18 @@ def seed_table(run_dir: Path, spec: dict[str, Any], student: dict[str, Any]) -> 
             rows.append(_missing_row(conf, "FP32", NOT_RUN))
     final = _final(run_dir)
     models = model_means(final) if final is not None else None
+    uniform_bits = [int(b) for b in (spec.get("finalize") or {}).get("uniform_bits", (16, 8))]
     for conf, scheme, fid in UNIFORM_ROWS:
         hit = models[models["id"] == fid] if models is not None and len(models) else None
         if hit is not None and len(hit):
             rows.append(_model_row(conf, scheme, hit.iloc[0], final))
+        elif fid.startswith("qat_") and int(scheme.split("-")[0]) not in uniform_bits:
+            continue  # a width the spec's finalize.uniform_bits leaves out: no row, not a missing one
         else:
             rows.append(_missing_row(conf, scheme, NOT_RUN))
     quant = spec.get("quant") or {}
     choices = set(quant.get("bits") or []) | set((quant.get("pin") or {}).values())
-    searched = models[models["kind"].isin(("searched", "solver"))] if models is not None and len(models) else None
+    searched = models[models["kind"] == "searched"] if models is not None and len(models) else None
     seen: set[frozenset[int]] = set()
     for pair in MIXED_ROWS:
         scheme = f"Mixed {pair[0]}/{pair[1]}-bit"
@@ -161,7 +169,31 @@ def seed_table(run_dir: Path, spec: dict[str, Any], student: dict[str, Any]) -> 
                 continue
             best = best_first(group).iloc[0]
             rows.append(_model_row("QAT Layer+KD", best["label"], best, final))
+    rows += _baseline_rows(spec, models, final)
     return pd.DataFrame(rows, columns=ROW_COLUMNS)
+
+
+def _baseline_rows(spec: dict[str, Any], models: pd.DataFrame | None, final: pd.DataFrame | None) -> list[list[Any]]:
+    """PTQ 8-bit, and per budget the allocation-only model: the rows a compressed model is judged against."""
+    rows: list[list[Any]] = []
+    conf, scheme, fid = PTQ_ROW
+    hit = models[models["id"] == fid] if models is not None and len(models) else None
+    rows.append(_model_row(conf, scheme, hit.iloc[0], final) if hit is not None and len(hit)
+                else _missing_row(conf, scheme, NOT_RUN))
+    for budget in (spec.get("search") or {}).get("budgets_mb") or []:
+        alloc = _allocation(models, float(budget))
+        conf = f"Allocation only <= {float(budget):g} MB (solver)+KD"
+        rows.append(_model_row(conf, alloc["label"], alloc, final) if alloc is not None
+                    else _missing_row(conf, "-", NOT_RUN))
+    return rows
+
+
+def _allocation(models: pd.DataFrame | None, budget: float) -> pd.Series | None:
+    """The finalized model that carries the allocation-only role for ``budget`` (None if there is none)."""
+    if models is None or not len(models):
+        return None
+    hit = models[models["roles"].astype(str).str.contains(f"{ALLOCATION} <= {budget:g} MB", regex=False)]
+    return hit.iloc[0] if len(hit) else None
 
 
 def _teachers_line(run_dir: Path, spec: dict[str, Any]) -> str:
@@ -206,7 +238,8 @@ def _efficiency(final: pd.DataFrame | None, run_dir: Path, student: dict[str, An
     models = model_means(final) if final is not None else None
     if models is None or not len(models):
         return lines + [f"* Compressed size: {NOT_RUN} (finalize)"]
-    mixed = models[models["kind"].isin(("searched", "solver")) & (models["bits_used"].map(_used) == frozenset((8, 4)))]
+    searched = models[models["kind"] == "searched"]
+    mixed = searched[searched["bits_used"].map(_used) == frozenset((8, 4))]
     pick = best_first(mixed).iloc[0] if len(mixed) else best_first(models).iloc[0]
     sm = mean_std([m.get("test_acc") for m in scratch])[0]
     vs = ""
@@ -219,6 +252,7 @@ def _efficiency(final: pd.DataFrame | None, run_dir: Path, student: dict[str, An
               f"* **Reduction:** {fp32 / pick['size_mb']:.1f}x smaller{vs}"]
     pick_rows = final[final["id"] == pick["id"]]
     lines.append(difference_line(f"`{pick['id']}` - KD (FP32), test accuracy", _by_seed(pick_rows), _by_seed(kd)))
+    lines += _baseline_lines(final, models, kd, budgets)
     for b in budgets:
         fits = models[models["size_mb"] <= b]
         if len(fits):
@@ -228,6 +262,39 @@ def _efficiency(final: pd.DataFrame | None, run_dir: Path, student: dict[str, An
                          f"{best['size_mb']:.4f} MB, {fp32 / best['size_mb']:.1f}x smaller")
         else:
             lines.append(f"* Best finalized model within {b:g} MB: none")
+    return lines
+
+
+def _baseline_lines(final: pd.DataFrame, models: pd.DataFrame, kd: list[dict[str, Any]],
+                    budgets: list[float]) -> list[str]:
+    """What QAT added over post-training quantization, and what the search added over the one-shot allocation.
+
+    Paired over seeds (same float student, same views), test accuracy, each with its verdict against the spread.
+    The searched model per budget is the one finalize's "best <= budget" role names (chosen on validation).
+    """
+    def seeds_of(mid: str) -> dict[int, float]:
+        return _by_seed(final[final["id"] == mid])
+
+    ids = set(models["id"])
+    lines: list[str] = []
+    if {"qat_kd_8", "ptq_kd_8"} <= ids:
+        lines.append(difference_line("What QAT added: QAT KD 8-bit - PTQ 8-bit (no training), test accuracy",
+                                     seeds_of("qat_kd_8"), seeds_of("ptq_kd_8")))
+        lines.append(difference_line("QAT KD 8-bit - KD (FP32), test accuracy", seeds_of("qat_kd_8"), _by_seed(kd)))
+    for b in budgets:
+        alloc = _allocation(models, b)
+        best = models[models["roles"].astype(str).str.contains(f"best <= {b:g} MB", regex=False)]
+        if alloc is None or not len(best):
+            continue
+        pick = best.iloc[0]
+        if pick["id"] == alloc["id"]:
+            lines.append(f"* What the search added within {b:g} MB: nothing measurable; its best configuration is "
+                         f"the sensitivity solver's own (`{pick['id']}`), so the difference is 0 by construction")
+            continue
+        lines.append(difference_line(f"What the search added within {b:g} MB: searched `{pick['id']}` "
+                                     f"({pick['label']}, {pick['size_mb']:.4f} MB) - allocation only "
+                                     f"`{alloc['id']}` ({alloc['label']}, {alloc['size_mb']:.4f} MB), test accuracy",
+                                     seeds_of(pick["id"]), seeds_of(alloc["id"])))
     return lines
 
 

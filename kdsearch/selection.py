@@ -12,8 +12,13 @@ trained once and carries every role):
   for that budget, from ``priors.json``, stands in);
 * the most accurate completed trial that mixes exactly widths within {16, 8} and within {8, 4}: the seed's
   "QAT Layer+KD Mixed 16/8-bit" and "Mixed 8/4-bit" rows, when the spec's bit choices allow them;
-* the seed's uniform baselines: QAT Scratch and QAT KD at 16 and 8 bits (``qat_scratch_16``, ...).
-  Pins act as floors here (a pinned layer keeps max(pin, b) bits), so "16-bit" means every layer at 16.
+* the seed's uniform baselines: QAT Scratch and QAT KD at ``finalize.uniform_bits`` (16 and 8 by default:
+  ``qat_scratch_16``, ...). Pins act as floors here (a pinned layer keeps max(pin, b) bits), so "16-bit"
+  means every layer at 16;
+* the two baselines a compressed model is judged against (as HAWQ-V3 and the QAT literature report them):
+  **PTQ 8-bit** (``ptq_kd_8``: the FP32 KD student quantized to uniform 8 bits and calibrated, no training:
+  what did QAT add?) and, for each budget, **allocation only** (``alloc_<budget>mb``: the sensitivity
+  solver's own configuration, trained with finalize's QAT+KD recipe and no search: what did the search add?).
 """
 
 from __future__ import annotations
@@ -26,11 +31,10 @@ import pandas as pd
 
 from .pareto import ACC, SIZE, pareto_front
 
-UNIFORM_BASELINES: tuple[tuple[str, str, int], ...] = (
-    ("qat_scratch_16", "scratch", 16), ("qat_kd_16", "kd", 16), ("qat_scratch_8", "scratch", 8), ("qat_kd_8", "kd", 8),
-)
 MIXED_SETS: tuple[tuple[int, ...], ...] = ((16, 8), (8, 4))  # the seed's "Mixed 16/8-bit" and "Mixed 8/4-bit"
-KINDS = ("uniform", "searched", "solver")
+KINDS = ("uniform", "searched", "solver", "ptq")
+PTQ_ID, PTQ_BITS = "ptq_kd_8", 8
+ALLOCATION_ROLE = "allocation only"
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,11 @@ class Candidate:
     trial_number: int | None = None
     search_acc: float | None = None  # the trial's validation accuracy after the search's short QAT
     label: str = field(default="")
+
+    @property
+    def trains(self) -> bool:
+        """False for post-training quantization: quantize and calibrate, no QAT."""
+        return self.kind != "ptq"
 
     def __post_init__(self) -> None:
         if self.start not in ("kd", "scratch"):
@@ -69,15 +78,35 @@ def bits_label(bits: Mapping[str, int]) -> str:
 
 # ---- which configurations -----------------------------------------------------------------------------------
 
-def uniform_candidates(model: Any, pin: Mapping[str, int]) -> list[Candidate]:
+def _uniform_bits(model: Any, pin: Mapping[str, int], b: int) -> dict[str, int]:
     from .quant import BitConfig
 
+    floors = {k: v for k, v in pin.items() if v > b}  # a pin keeps a layer *at least* that wide
+    return BitConfig.uniform(model, b, pin=floors).to_dict()
+
+
+def uniform_candidates(model: Any, pin: Mapping[str, int], bits: tuple[int, ...] = (16, 8)) -> list[Candidate]:
+    """The uniform QAT Scratch / QAT KD baselines at each of ``bits``, then PTQ 8-bit of the KD student."""
     out = []
-    for cid, start, b in UNIFORM_BASELINES:
-        floors = {k: v for k, v in pin.items() if v > b}  # a pin keeps a layer *at least* that wide
-        cfg = BitConfig.uniform(model, b, pin=floors).to_dict()
-        name = f"QAT {'Scratch' if start == 'scratch' else 'KD'} {b}-bit"
-        out.append(Candidate(cid, start, start == "kd", cfg, "uniform", (name,), label=name))
+    for b in bits:
+        for start in ("scratch", "kd"):
+            name = f"QAT {'Scratch' if start == 'scratch' else 'KD'} {b}-bit"
+            out.append(Candidate(f"qat_{start}_{b}", start, start == "kd", _uniform_bits(model, pin, b), "uniform",
+                                 (name,), label=name))
+    name = f"PTQ {PTQ_BITS}-bit"
+    out.append(Candidate(PTQ_ID, "kd", False, _uniform_bits(model, pin, PTQ_BITS), "ptq", (name,), label=name))
+    return out
+
+
+def allocation_candidates(budgets_mb: tuple[float, ...], priors: Mapping[str, Any] | None) -> list[Candidate]:
+    """Per budget, the sensitivity solver's configuration (``priors.json``), QAT+KD-trained without a search."""
+    out = []
+    for budget in budgets_mb:
+        bits = _solver_start(priors, budget)
+        if bits is not None:
+            cid = f"alloc_{budget:g}mb".replace(".", "p")
+            out.append(Candidate(cid, "kd", True, bits, "solver", (f"{ALLOCATION_ROLE} <= {budget:g} MB",),
+                                 label=bits_label(bits)))
     return out
 
 
@@ -109,7 +138,7 @@ def searched_candidates(results: pd.DataFrame, budgets_mb: tuple[float, ...], to
         if start is None:
             missing.append(budget)
             continue
-        cid = f"solver_{budget:g}mb".replace(".", "p")
+        cid = f"alloc_{budget:g}mb".replace(".", "p")  # the allocation-only candidate stands in (merged)
         solver[cid] = Candidate(cid, "kd", True, start, "solver", (f"solver <= {budget:g} MB",),
                                 label=bits_label(start))
     if len(done):
@@ -145,7 +174,7 @@ def merge_candidates(cands: list[Candidate]) -> list[Candidate]:
     out: list[Candidate] = []
     seen: dict[tuple[Any, ...], int] = {}
     for c in cands:
-        sig = (c.start, c.kd, tuple(sorted(c.bits.items())))
+        sig = (c.start, c.kd, c.trains, tuple(sorted(c.bits.items())))
         if sig in seen:  # e.g. a uniform 8-bit trial on the front: train it once, keep both roles
             i = seen[sig]
             a = out[i]

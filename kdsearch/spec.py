@@ -53,6 +53,9 @@ class TrainConfig(_Cfg):
     warmup_epochs: float = Field(0.0, ge=0)
     batch_size: int = Field(128, ge=1)
     grad_clip: float | None = Field(None, gt=0)
+    # Adam learning rate of the learned quantizer log-steps (sub-8-bit QAT only; kdsearch.train.OptimizerSet):
+    # |delta log s| is about step_lr per step, so 1e-3 bounds a step's drift to ~10% per 100 steps.
+    step_lr: float = Field(1e-3, gt=0)
     bf16: bool = True  # autocast on GPU for float phases; ignored on CPU
     channels_last: bool = True  # GPU only
 
@@ -61,6 +64,21 @@ class TrainConfig(_Cfg):
         if self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be < epochs ({self.epochs})")
         return self
+
+
+QAT_WARMUP_FRACTION = 0.1  # of a QAT run's epochs, when its spec does not say warmup_epochs
+
+
+def qat_schedule(cfg: TrainConfig) -> TrainConfig:
+    """A QAT run's TrainConfig with a warm-up unless the spec set ``warmup_epochs`` itself.
+
+    Why: QAT starts from a converged float student; a cosine schedule that starts at full QAT learning rate
+    on the first step, with freshly quantized weights and momentum at zero, knocks it out of its minimum
+    before the schedule has decayed (the issue's "re-heated" student). A short linear warm-up avoids that.
+    """
+    if "warmup_epochs" in cfg.model_fields_set:
+        return cfg
+    return cfg.model_copy(update={"warmup_epochs": QAT_WARMUP_FRACTION * cfg.epochs})
 
 
 class DataConfig(_Cfg):
@@ -210,7 +228,18 @@ class QuantConfig(_Cfg):
     bits: tuple[int, ...] = (16, 8, 4)  # the per-layer weight bit-widths the search may choose
     act_bits: int | Literal["same"] = 8
     pin: dict[str, int] = Field(default_factory=lambda: {"first": 8, "last": 8})  # layer name/first/last -> bits
-    qat: TrainConfig = TrainConfig(epochs=15, lr=0.01, weight_decay=5e-5)  # finalize-length QAT(+KD)
+    # Finalize-length QAT(+KD). Fine-tuning a converged float student: a fraction of its float learning rate
+    # (here 10% of the students' default 0.1), warmed up (``qat_schedule``), then cosine to 0.
+    qat: TrainConfig = TrainConfig(epochs=15, lr=0.01, weight_decay=5e-5)
+    # Activation ranges: MSE over this many un-augmented training batches of eval-mode forwards, before QAT.
+    calib_batches: int = Field(8, ge=1)
+    # BatchNorm statistics re-estimated after QAT from this many un-augmented training batches (0: off).
+    bn_batches: int = Field(16, ge=0)
+
+    @field_validator("qat")
+    @classmethod
+    def _qat_warmup(cls, v: TrainConfig) -> TrainConfig:
+        return qat_schedule(v)
 
     @field_validator("bits")
     @classmethod
@@ -272,11 +301,24 @@ class SearchConfig(_Cfg):
         if self.trial.epochs != self.trial_epochs:
             # One source of truth: trial_epochs wins, trial.epochs mirrors it.
             object.__setattr__(self, "trial", self.trial.model_copy(update={"epochs": self.trial_epochs}))
+        object.__setattr__(self, "trial", qat_schedule(self.trial))  # a trial is a short QAT run
         return self
 
 
 class FinalizeConfig(_Cfg):
     top_k: int = Field(3, ge=1)
+    # The uniform QAT Scratch / QAT KD baselines finalized beside the searched models (the seed's 16- and
+    # 8-bit rows). Post-training 8-bit and the sensitivity solver's allocation-only configurations are
+    # always finalized too: they are what a searched model is judged against.
+    uniform_bits: tuple[int, ...] = (16, 8)
+
+    @field_validator("uniform_bits")
+    @classmethod
+    def _uniform(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        bad = [b for b in v if b not in WEIGHT_BITS or b == 32]
+        if bad:
+            raise ValueError(f"uniform_bits {bad} unsupported; choose from {[b for b in WEIGHT_BITS if b != 32]}")
+        return tuple(dict.fromkeys(v))
 
 
 class Spec(_Cfg):

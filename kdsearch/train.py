@@ -73,14 +73,62 @@ def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
     return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD Nesterov; no weight decay on 1-d parameters (BN, biases, quantizer step sizes)."""
-    decay, no_decay = [], []
+class OptimizerSet:
+    """SGD for the model's weights plus, when it has learned quantizer log-steps, Adam for those alone.
+
+    Why a second optimizer: a learned step is a scale, not a weight. Under SGD its update is proportional
+    to its gradient, which for a step whose channel has values at the clip edge is dominated by +-Qp terms
+    and can dwarf the weights' updates (the runaway the issue measured). Adam's per-parameter normalisation
+    makes the update of ``log s`` about ``step_lr`` per step whatever the gradient's size, so a step's drift
+    over a run is bounded. Both follow the same schedule shape (``lr_scale`` per group x ``lr_at``).
+    """
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        states = state["optimizers"]
+        if len(states) != len(self.optimizers):
+            raise ValueError("optimizer checkpoint holds a different set of optimizers")
+        for o, st in zip(self.optimizers, states):
+            o.load_state_dict(st)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> OptimizerSet:
+    """SGD Nesterov (no weight decay on 1-d parameters: BN, biases); Adam at ``cfg.step_lr`` for learned log-steps."""
+    from .quant import quantizer_parameters
+
+    steps = {id(p) for p in quantizer_parameters(model)}
+    decay, no_decay, step_params = [], [], []
     for p in model.parameters():
-        if p.requires_grad:
+        if not p.requires_grad:
+            continue
+        if id(p) in steps:
+            step_params.append(p)
+        else:
             (decay if p.ndim > 1 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+              {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
+    opts: list[torch.optim.Optimizer] = [
+        torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)]
+    if step_params:
+        opts.append(torch.optim.Adam([{"params": step_params, "lr_scale": cfg.step_lr / cfg.lr}], lr=cfg.step_lr))
+    return OptimizerSet(opts)
 
 
 def _autocast(device: torch.device, cfg: TrainConfig) -> contextlib.AbstractContextManager[Any]:
@@ -208,8 +256,9 @@ def fit(model: nn.Module, train: Any, val: Iterable[Any] | None, run: FitRun) ->
         bar = _progress_bar(show_bar, steps_per_epoch, f"{desc} epoch {epoch + 1}/{cfg.epochs}")
         for i, (batch, t_logits) in enumerate(stream):
             step = epoch * steps_per_epoch + i
+            lr = lr_at(step, total_steps, cfg)
             for g in optimizer.param_groups:
-                g["lr"] = lr_at(step, total_steps, cfg)
+                g["lr"] = lr * g["lr_scale"]
             x = normalizer(batch.images.to(device, non_blocking=True)).contiguous(memory_format=fmt)
             y = batch.labels.to(device, non_blocking=True)
             with _autocast(device, cfg):

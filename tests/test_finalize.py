@@ -18,12 +18,14 @@ from kdsearch.context import RunContext
 from kdsearch.spec import Spec, parse_spec
 from kdsearch.pareto import ACC
 from kdsearch.selection import (
-    UNIFORM_BASELINES,
     Candidate,
+    allocation_candidates,
     bits_label,
     searched_candidates,
     uniform_candidates,
 )
+
+UNIFORM_IDS = {"qat_scratch_16", "qat_kd_16", "qat_scratch_8", "qat_kd_8", "ptq_kd_8"}
 
 LAYERS = ("conv1", "conv2", "conv3", "fc")
 BUDGET = 0.03  # MB; tiny_cnn (4 classes): 0.094 MB in FP32, 0.025 MB at 8 bit, 0.0136 MB at 8/4/4/8
@@ -141,11 +143,14 @@ def test_searched_candidates_front_budgets_mixed_and_solver() -> None:
                               {"base_budget_mb": 0.5, "multiple": 0.8, "feasible": True, "bit_config": {"a": 2}}]}
     cands, missing = searched_candidates(df, (2.0, 0.9, 0.5, 0.1), top_k=2, priors=priors)
     by_id = {c.id: c for c in cands}
-    assert set(by_id) == {"trial_00001", "trial_00000", "trial_00002", "solver_0p5mb"}
+    assert set(by_id) == {"trial_00001", "trial_00000", "trial_00002", "alloc_0p5mb"}
     assert by_id["trial_00001"].roles == ("front top-1", "best <= 2 MB", "best mixed 16/8")
     assert by_id["trial_00000"].roles == ("front top-2", "best mixed 8/4")
     assert by_id["trial_00002"].roles == ("best <= 0.9 MB",)
-    assert by_id["solver_0p5mb"].bits == {"a": 4, "b": 2, "c": 2} and by_id["solver_0p5mb"].kind == "solver"
+    assert by_id["alloc_0p5mb"].bits == {"a": 4, "b": 2, "c": 2} and by_id["alloc_0p5mb"].kind == "solver"
+    alloc = {c.id: c for c in allocation_candidates((2.0, 0.5, 0.1), priors)}  # every budget with a solver config
+    assert set(alloc) == {"alloc_0p5mb"} and alloc["alloc_0p5mb"].roles == ("allocation only <= 0.5 MB",)
+    assert alloc["alloc_0p5mb"].kd and alloc["alloc_0p5mb"].trains
     assert missing == [0.1]  # no trial, no solver start
     assert all(c.start == "kd" and c.kd for c in cands)
     assert by_id["trial_00002"].label == "Mixed 8/4/2-bit" and by_id["trial_00000"].search_acc == 70.0
@@ -161,7 +166,10 @@ def test_uniform_candidates_pins_are_floors() -> None:
 
     model = create_model("tiny_cnn", num_classes=4)
     cands = {c.id: c for c in uniform_candidates(model, {"first": 8, "last": 8})}
-    assert set(cands) == {cid for cid, _, _ in UNIFORM_BASELINES}
+    assert set(cands) == UNIFORM_IDS
+    ptq = cands["ptq_kd_8"]  # post-training 8-bit of the KD student: no training, no KD loss
+    assert ptq.kind == "ptq" and not ptq.trains and not ptq.kd and ptq.start == "kd" and set(ptq.bits.values()) == {8}
+    assert {c.id for c in uniform_candidates(model, {}, (8,))} == {"qat_scratch_8", "qat_kd_8", "ptq_kd_8"}
     assert set(cands["qat_kd_16"].bits.values()) == {16}  # 16-bit means every layer, not first/last at 8
     assert set(cands["qat_scratch_8"].bits.values()) == {8}
     assert cands["qat_scratch_16"].start == "scratch" and not cands["qat_scratch_16"].kd
@@ -188,12 +196,14 @@ def test_finalize_exports_reload_and_sizes(run) -> None:
     out = rd.final_dir
     table = pd.read_parquet(out / "final.parquet")
     ids = set(table["id"])
-    assert {cid for cid, _, _ in UNIFORM_BASELINES} <= ids
+    assert UNIFORM_IDS <= ids
     assert {"trial_00000", "trial_00001"} <= ids  # mixed 8/4 and the front's best (also best <= BUDGET, mixed 16/8)
     assert "trial_00002" not in ids and "trial_00004" not in ids  # pruned and running trials are never finalized
     assert (table.groupby("id").size() == len(spec.seeds)).all()  # every model once per seed
     t1 = table.set_index("id").loc["trial_00001"]
-    assert set(t1["roles"].split("; ")) == {"front top-1", f"best <= {BUDGET:g} MB", "best mixed 16/8"}
+    # the solver's configuration for BUDGET is this trial's (its warm start): one model, both roles
+    assert set(t1["roles"].split("; ")) == {"front top-1", f"best <= {BUDGET:g} MB", "best mixed 16/8",
+                                            f"allocation only <= {BUDGET:g} MB"}
     assert t1["bits_used"] == "16/8" and t1["label"] == "Mixed 16/8-bit"
     for r in table.itertuples():
         kdq = out / r.file
@@ -205,15 +215,25 @@ def test_finalize_exports_reload_and_sizes(run) -> None:
         assert r.export_ok and abs(r.export_val_acc - r.val_acc) <= 100.0 / 10 + 1e-9
         meta = json.loads(rd.final_model(r.id, r.seed, ".json").read_text())
         assert read_metadata(kdq)["bit_config"] == meta["bit_config"]
-        assert meta["epochs"] == spec.quant.qat.epochs and len(meta["history"]) == 1
+        trained = r.kind != "ptq"
+        assert meta["epochs"] == (spec.quant.qat.epochs if trained else 0)
+        assert len(meta["history"]) == (1 if trained else 0) and meta["dead_channels"] == 0
+        assert meta["bn_reestimated"] == 3  # tiny_cnn's 3 BatchNorms, after QAT and after PTQ alike
         assert meta["node"]["ip"] and meta["source"] == ("cache" if r.kd else None)
         assert not list(out.glob(f"{r.id}.*.ckpt"))  # checkpoints are removed once the model is done
     scratch = json.loads(rd.final_model("qat_scratch_8", 0, ".json").read_text())
     assert scratch["start"] == "scratch" and scratch["kd"] is False
     assert table.set_index("id").loc["qat_kd_16", "size_mb"] > table.set_index("id").loc["qat_kd_8", "size_mb"]
     # the small budget has no trial: the sensitivity solver's configuration for it is finalized instead
-    solver = table[table["kind"] == "solver"]
-    assert len(solver) == 1 and solver["size_mb"].iloc[0] <= SMALL_BUDGET
+    solver = table[table["kind"] == "solver"].set_index("id")
+    small = solver.loc[f"alloc_{SMALL_BUDGET:g}mb".replace(".", "p")]
+    assert small["size_mb"] <= SMALL_BUDGET and "solver <= 0.015 MB" in small["roles"]
+    # every budget gets its allocation-only row (the solver's configuration, QAT+KD-trained, no search); when the
+    # search finalizes that very configuration, one model carries both roles
+    alloc = table[table["roles"].str.contains("allocation only")]
+    for budget in (BUDGET, SMALL_BUDGET):
+        rows = alloc[alloc["roles"].str.contains(f"allocation only <= {budget:g} MB", regex=False)]
+        assert len(rows) == 1 and rows["size_mb"].iloc[0] <= budget
     # the reloaded file gives the recorded test accuracy when evaluated independently here
     from kdsearch.data import EvalLoader, Normalizer, load_data
     from kdsearch.train import evaluate

@@ -74,7 +74,7 @@ def _run(q: torch.nn.Module, x: torch.Tensor, gy: torch.Tensor) -> tuple[torch.T
     x = x.clone().requires_grad_()
     y = q(x)
     y.backward(gy)
-    return y.detach(), x.grad, q.step.grad.clone()
+    return y.detach(), x.grad, q.scale.step.grad.clone()
 
 
 def _run_oracle(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int, gy: torch.Tensor):
@@ -85,14 +85,20 @@ def _run_oracle(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int, gy: torch
     return y.detach(), x.grad, s.grad.reshape(-1)
 
 
+def _exact_step(q: torch.nn.Module, step: torch.Tensor) -> torch.nn.Module:
+    """``q`` with its step set to exactly ``step`` (a fixed step: a learned log-step would round through exp/log)
+    and marked as needing a gradient, so the op's step gradient (LSQ eq. 3) is computed and can be compared."""
+    q.set_step(step) if hasattr(q, "set_step") else q.scale.set(step)
+    q.scale.step.requires_grad_(True)
+    return q
+
+
 def _weight_case(bits: int, impl: str, pow2: bool, seed: int = 0):
     qn, qp = signed_range(bits)
     rows = 4
     step = _pow2_steps(rows) if pow2 else torch.rand(rows, generator=torch.Generator().manual_seed(seed)) * 0.1 + 0.01
     x = (_values(qn, qp, rows, seed, special=pow2) * step.view(-1, 1)).view(rows, -1, 1, 1)
-    q = LsqWeightQuantizer(bits, rows, impl)
-    with torch.no_grad():
-        q.step.copy_(step)
+    q = _exact_step(LsqWeightQuantizer(bits, rows, impl, learned=False), step)
     return q, x, step, qn, qp
 
 
@@ -100,9 +106,9 @@ def _act_case(bits: int, signed: bool, impl: str, pow2: bool, seed: int = 0):
     qn, qp = signed_range(bits) if signed else unsigned_range(bits)
     step = torch.tensor([0.125 if pow2 else 0.0371])
     x = _values(qn, qp, 3, seed, special=pow2) * step  # [batch, features], as a Linear layer's input
-    q = LsqActQuantizer(bits, impl)
+    q = LsqActQuantizer(bits, impl, learned=False)
     q.set_state(float(step), signed)
-    return q, x, step, qn, qp
+    return _exact_step(q, step), x, step, qn, qp
 
 
 CPU_IMPLS = [
@@ -157,7 +163,9 @@ def test_auto_is_the_hand_written_lsq_op_on_every_device():
 def test_no_learnable_zero_point():
     """LSQ has no zero point (symmetric signed / zero-based unsigned ranges); no quantizer may train one."""
     for q in (LsqWeightQuantizer(4, 3, "fused"), LsqActQuantizer(4, "fused")):
-        assert [n for n, _ in q.named_parameters()] == ["step"]
+        assert [n for n, _ in q.named_parameters()] == ["scale.log_step"]  # learned below 8 bits: the log-step only
+    for q in (LsqWeightQuantizer(8, 3, "fused"), LsqActQuantizer(8, "fused")):
+        assert [n for n, _ in q.named_parameters()] == []  # 8 bits: a fixed step, nothing learned
         assert not q.zero_point.requires_grad and float(q.zero_point.abs().sum()) == 0.0
 
 
@@ -172,9 +180,9 @@ def test_fused_op_is_not_lsq_in_the_half_step_outside_the_clip_range():
     for v, in_band in ((band, True), (elsewhere, False)):
         x = (v * s).view(1, -1)
         gy = torch.linspace(0.5, 1.5, v.numel()).view(1, -1)
-        q = LsqActQuantizer(bits, "fused")
+        q = LsqActQuantizer(bits, "fused", learned=False)
         q.set_state(s, True)
-        y, gx, gs = _run(q, x, gy)
+        y, gx, gs = _run(_exact_step(q, torch.tensor([s])), x, gy)
         y0, gx0, gs0 = _run_oracle(x, torch.tensor([s]), qn, qp, gy)
         assert torch.equal(y, y0) and q.zero_point.grad is None
         g = 1.0 / math.sqrt(v.numel() * qp)

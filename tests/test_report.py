@@ -67,6 +67,12 @@ def test_report_has_every_seed_row_with_numbers(run) -> None:
         assert f"]({link})" in md and (ctx.run_dir / link).is_file()
     assert "x smaller" in md and "Original size (FP32):** 0.0958 MB" in md
     assert "All exports verified" in md and "not run yet" not in md.split("## Stages")[0]
+    # the baselines a compressed model is judged against: rows, and the paired differences in words
+    assert rows[("PTQ (KD student, no training)", "8-bit")][-1] == "final/ptq_kd_8.s*.kdq"
+    alloc = [k for k in rows if k[0].startswith("Allocation only <= ")]
+    assert [k[0] for k in alloc] == [f"Allocation only <= {b:g} MB (solver)+KD" for b in spec.search.budgets_mb]
+    assert "* What QAT added: QAT KD 8-bit - PTQ 8-bit (no training), test accuracy: " in md
+    assert f"* What the search added within {spec.search.budgets_mb[0]:g} MB: " in md
 
 
 def test_report_on_a_partial_run_says_not_run_yet(tmp_path) -> None:
@@ -76,7 +82,9 @@ def test_report_on_a_partial_run_says_not_run_yet(tmp_path) -> None:
     spec.save(run_dir / "spec.yaml")
     md = render_report(run_dir)
     rows = _rows(md)
-    assert list(rows) == SEED_ROWS
+    assert list(rows)[: len(SEED_ROWS)] == SEED_ROWS
+    assert [k[0] for k in list(rows)[len(SEED_ROWS):]] == ["PTQ (KD student, no training)"] + [
+        f"Allocation only <= {b:g} MB (solver)+KD" for b in spec.search.budgets_mb]
     assert rows[("QAT Layer+KD", "Mixed 16/8-bit")][0] == "not searched (the spec's bit choices are 8/4/2)"
     assert all(cells[1] == "0" for cells in rows.values())  # n = 0: nothing measured
     for key in SEED_ROWS[:6] + [("QAT Layer+KD", "Mixed 8/4-bit")]:
@@ -110,7 +118,7 @@ def test_status_lists_stages_progress_running_trials_and_front(run) -> None:
     assert "running trials (1):" in text and "| 4 | t4 | 1/1 |" in text
     front = text.split("current Pareto front (2 trials):", 1)[1]
     assert "8/16/8/8" in front and "8/8/4/8" in front
-    assert "finalize: 7/7 models done" in text
+    assert "finalize: 8/8 models done" in text
 
 
 def test_status_of_a_run_before_the_search(tmp_path) -> None:
@@ -153,7 +161,7 @@ def test_progress_reporter_logs_lines_from_a_thread(run) -> None:
     assert len(rep.lines) >= 2  # the first line, and the final line that stop() always logs
     fin = ProgressReporter(ctx.run_dir, interval_s=0.05, stage="finalize", live=False).start()
     fin.stop()
-    assert fin.lines[-1] == "finalize: 7/7 models done"
+    assert fin.lines[-1] == "finalize: 8/8 models done"
     assert progress_line(Path(ctx.run_dir).parent / "nothing") == "search: waiting for the first trial"
     with pytest.raises(ValueError, match="interval_s"):
         ProgressReporter(ctx.run_dir, interval_s=0)

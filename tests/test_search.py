@@ -48,6 +48,29 @@ def test_space_size_is_model_size(resnet8) -> None:
     assert space.fixed == {space.layers[0]: 8, space.layers[-1]: 8}
 
 
+def test_feasible_fraction_and_uniform_feasible_samples(resnet8) -> None:
+    """The fraction of the space that fits, by sampling, agrees with exhaustive enumeration; the random arm's
+    feasible samples all fit and are uniform over the feasible configurations (none favoured, few missed)."""
+    import dataclasses
+    from collections import Counter
+
+    space = build_space(resnet8, QuantConfig(bits=(8, 4, 2), pin={"first": 8, "last": 8}), budget_mb=0.05)
+    configs = list(space.enumerate())
+    feasible = [b for b in configs if space.feasible(b)]
+    exact = len(feasible) / len(configs)
+    assert 0 < exact < 1
+    assert space.feasible_fraction(100_000, seed=1) == pytest.approx(exact, abs=0.01)
+    n = 4 * len(feasible)
+    draws = space.sample_feasible(n, seed=2)
+    assert len(draws) == n and all(space.feasible(b) for b in draws) and draws == space.sample_feasible(n, seed=2)
+    counts = Counter(tuple(b.values()) for b in draws)
+    assert len(counts) > 0.9 * len(feasible)  # 4 draws each on average: a missed one has probability ~e^-4
+    assert max(counts.values()) <= 16
+    tight = dataclasses.replace(space, budget_mb=space.min_bytes / 1e6)  # only the smallest configuration fits
+    with pytest.raises(ValueError, match="draws found"):
+        tight.sample_feasible(10**6, max_draws=200_000)
+
+
 def test_exclusions_pins_and_constraint(resnet8) -> None:
     quant = QuantConfig(bits=(8, 4, 2), pin={"first": 8, "last": 8})
     layer = "layer1.0.conv1"

@@ -14,10 +14,11 @@ The teacher for
 the trials' KD is the committed wrn_16_2 (val 84.5%). The sensitivity table and priors are kdsearch's own
 (`sensitivity.compute_table` on 512 calibration images of the train split, `build_priors`).
 
-The trial. kdsearch's search trial made short enough for 2 CPU cores x 5 arms x 3 seeds x N trials: the
-quantized model (`quantize`, LSQ, activations at 8 bits) is trained by `train.fit` with QAT+KD (the spec's
-KD loss, T=4, alpha=0.9) for one pass over a fixed, seeded 768-image subset of the train split, and scored
-on a fixed, seeded 1,000-image subset of the validation split. Nothing reads test. A trial is deterministic
+The trial. kdsearch's search trial (`kdsearch.qat.qat_finetune`, the recipe of the search and finalize:
+calibrated activations, fixed 8-bit and learned sub-8-bit steps, QAT+KD with the spec's KD loss, T=4,
+alpha=0.9, BN re-estimation) made short enough for 2 CPU cores x 5 arms x 3 seeds x N trials: one pass over a
+fixed, seeded 768-image subset of the train split, scored on a fixed, seeded 1,000-image subset of the
+validation split. Nothing reads test. A trial is deterministic
 in its configuration (one thread, fixed seeds), so its score is memoised (runs/evidence_priors/trials.json,
 kept only while the trial recipe's key, `Problem.recipe`, is unchanged)
 and shared by every arm and seed that proposes the same configuration: an arm is charged for each trial it
@@ -27,7 +28,8 @@ The search. The arms differ only in the sampler and what seeds it, with kdsearch
 (Optuna under Ray Tune's Searcher API, the hard budget as a constraint, infeasible and repeated samples
 skipped without a trial), driven here one trial at a time without Tune (concurrency only adds noise to
 a comparison of samplers):
-  * random: Optuna's RandomSampler;
+  * random: configurations drawn uniformly from those that fit the budget (`SearchSpace.sample_feasible`:
+    rejection sampling over the whole space, as a user's random search under a hard budget would);
   * plain TPE: multivariate TPE, no warm starts;
   * TPE + uniform warm starts: the uniform 16/8/4 configurations the budget admits (only 4-bit here);
   * TPE + sensitivity warm starts: the solver's configurations at 0.8-1.2 x budget, plus the uniform ones;
@@ -40,7 +42,6 @@ so far. Writes benchmarks/results/priors_hypervolume.{json,md}.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import os
@@ -81,7 +82,7 @@ class Problem:
 
     def __init__(self, run_dir: Path, exclude_above: float | None) -> None:
         from kdsearch.checkpoints import load_model
-        from kdsearch.data import EvalLoader, Normalizer, TrainLoader, load_data
+        from kdsearch.data import Normalizer, load_data
         from kdsearch.distill import InProcessTeachers
         from kdsearch.quant import model_size
 
@@ -97,14 +98,14 @@ class Problem:
         self.norm = Normalizer.from_bundle(self.bundle)
         self.teacher = InProcessTeachers({"wrn_16_2": teacher}, self.norm, torch.device("cpu"))
         self.fp32_mb = model_size(self.student).total_mb
-        self.train_loader = lambda: TrainLoader(self.sub, self.spec.data, batch_size=128, seed=0,
-                                                device=torch.device("cpu"))
-        self.val_loader = lambda: EvalLoader(self.sub.val, batch_size=500, device=torch.device("cpu"))
         from kdsearch.io import file_digest, stable_hash
 
         # Everything a trial's score depends on besides its bits: stored scores and finished runs count only
         # under the same key (an edited subset size or trial recipe starts over instead of mixing recipes).
+        from kdsearch.qat import recipe_key
+
         self.recipe = stable_hash({"train_images": TRAIN_IMAGES, "val_images": VAL_IMAGES, "subset_seed": 1234,
+                                   "qat_recipe": recipe_key(self.spec),
                                    "data": self.bundle.version, "trial": self.spec.search.trial.model_dump(mode="json"),
                                    "distill": self.spec.distill.model_dump(mode="json"),
                                    "act_bits": self.spec.quant.act_bits, "student": file_digest(ASSETS / "resnet20.pt"),
@@ -123,23 +124,17 @@ class Problem:
                                "quant": d["quant"] | {"bits": list(bits)}})
 
     def accuracy(self, bits: dict[str, int]) -> float:
-        """Validation accuracy (%, on the 1,000-image subset) after the short QAT+KD of `bits`."""
-        from kdsearch.distill import KDLoss
+        """Validation accuracy (%, on the 1,000-image subset) after the search trial's own QAT+KD of `bits`
+        (`kdsearch.qat.qat_finetune`: calibration, QAT+KD for one pass over the subset, BN re-estimation)."""
         from kdsearch.io import atomic_write_json
-        from kdsearch.quant import BitConfig, quantize
-        from kdsearch.runtime import seed_everything
-        from kdsearch.train import FitRun, fit
+        from kdsearch.qat import qat_finetune
 
         key = ",".join(f"{n}={bits[n]}" for n in sorted(bits))
         if key not in self.memo:
-            seed_everything(0)
-            model = copy.deepcopy(self.student)
-            quantize(model, BitConfig(dict(bits)).validate(model), act_bits=self.spec.quant.act_bits)
             cfg = self.spec.search.trial.model_copy(update={"epochs": 1})
-            res = fit(model, self.train_loader(), self.val_loader(), FitRun(
-                cfg, normalizer=self.norm, device=torch.device("cpu"), teacher=self.teacher,
-                kd_loss=KDLoss.from_config(self.spec.distill), progress=False, desc="priors trial"))
-            self.memo[key] = float(res.final["val_acc"])
+            _, res = qat_finetune(self.spec, ASSETS / "resnet20.pt", bits, cfg, device=torch.device("cpu"), seed=0,
+                                  teacher=self.teacher, bundle=self.sub, fresh_views=False, desc="priors trial")
+            self.memo[key] = float(res["val_acc"])
             self.paid += 1
             atomic_write_json(self.memo_path, {"recipe": self.recipe, "trials": self.memo})
         return self.memo[key]
@@ -165,7 +160,8 @@ def sensitivity_priors(problem: Problem, run_dir: Path, spec: Any) -> dict[str, 
 
 def run_arm(problem: Problem, spec: Any, priors: dict[str, Any], arm: str, seed: int, trials: int) -> dict[str, Any]:
     """One search of `trials` launched trials; the HV curve is padded with its last value where the searcher
-    stopped early (200 over-budget or repeated samples in a row: kdsearch's own give-up rule)."""
+    stopped early (200 over-budget or repeated samples in a row: kdsearch's own give-up rule; the random arm
+    draws feasible configurations only, so it never stops early)."""
     from kdsearch.pareto import ACC, SIZE, hypervolume_history, reference_point
     from kdsearch.search import BudgetSearch, make_sampler
     from kdsearch.search.space import build_space, prior_candidates, uniform_configs, warm_start_points
@@ -176,25 +172,36 @@ def run_arm(problem: Problem, spec: Any, priors: dict[str, Any], arm: str, seed:
     space = build_space(problem.student, spec.quant, budget, excluded if exclude else None)
     warm = (starts if sens else []) + (uniform_configs(space, spec.quant.bits) if uniform else [])
     points, _ = warm_start_points(space, warm)
-    search = BudgetSearch(space, sampler=make_sampler(sampler, seed, trials), trial_epochs=1,
-                          points_to_evaluate=points or None)
     accs, sizes, t0 = [], [], time.perf_counter()
-    for i in range(trials):
-        s = search.suggest(f"t{i}")
-        if not isinstance(s, dict):
-            break
-        bits = s["bits"]
-        res = {"epoch": 1, ACC: problem.accuracy(bits), SIZE: space.size_mb(bits), "avg_bits": space.avg_bits(bits)}
-        search.on_trial_result(f"t{i}", res)
-        search.on_trial_complete(f"t{i}", res)
-        accs.append(res[ACC])
-        sizes.append(res[SIZE])
+    skipped = 0
+    if sampler == "random":
+        # A user's random search under a hard budget: configurations drawn uniformly from those that fit
+        # (rejection sampling over the whole space), each trained once, in the order drawn.
+        for bits in space.sample_feasible(trials, seed=seed):
+            accs.append(problem.accuracy(bits))
+            sizes.append(space.size_mb(bits))
+    else:
+        search = BudgetSearch(space, sampler=make_sampler(sampler, seed, trials), trial_epochs=1,
+                              points_to_evaluate=points or None)
+        for i in range(trials):
+            s = search.suggest(f"t{i}")
+            if not isinstance(s, dict):
+                break
+            bits = s["bits"]
+            res = {"epoch": 1, ACC: problem.accuracy(bits), SIZE: space.size_mb(bits),
+                   "avg_bits": space.avg_bits(bits)}
+            search.on_trial_result(f"t{i}", res)
+            search.on_trial_complete(f"t{i}", res)
+            accs.append(res[ACC])
+            sizes.append(res[SIZE])
+        skipped = search.skipped["infeasible"]
     hv = hypervolume_history(list(zip(accs, sizes)), reference_point(budget)) if accs else []
     hv += [hv[-1] if hv else 0.0] * (trials - len(hv))
     return {"arm": arm, "seed": seed, "budget_mb": budget, "bits": list(spec.quant.bits), "warm_starts": len(points),
             "val_acc": accs,
             "size_mb": sizes, "launched": len(accs), "hypervolume": hv,
-            "infeasible_skipped": search.skipped["infeasible"], "seconds": time.perf_counter() - t0}
+            "infeasible_skipped": skipped, "feasible_fraction": space.feasible_fraction(),
+            "seconds": time.perf_counter() - t0}
 
 
 def summarize(runs: list[dict[str, Any]], trials: int) -> dict[str, Any]:

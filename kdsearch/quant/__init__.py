@@ -7,7 +7,9 @@
     export_quantized(model, "m.kdq", arch="resnet18"); load_quantized("m.kdq")
 """
 
-from .api import act_bits_of, bit_config_of, calibrate, is_quantized, quantize, quantizer_parameters
+from .api import (
+    act_bits_of, bit_config_of, calibrate, is_quantized, quantize, quantizer_parameters, reestimate_bn,
+)
 from .bitconfig import (
     SUPPORTED_BITS,
     BitConfig,
@@ -17,6 +19,9 @@ from .bitconfig import (
     resolve_act_bits,
 )
 from .export import (
+    DeadChannelError,
+    check_steps,
+    dead_channels,
     export_quantized,
     input_shape_of,
     load_quantized,
@@ -35,6 +40,7 @@ from .size import SizeReport, StoredTensor, model_size, storage_plan
 __all__ = [
     "SUPPORTED_BITS",
     "BitConfig",
+    "DeadChannelError",
     "FoldingBatchNorm1d",
     "FoldingBatchNorm2d",
     "HalfQuantizer",
@@ -49,6 +55,8 @@ __all__ = [
     "bit_config_of",
     "bypass_quantization",
     "calibrate",
+    "check_steps",
+    "dead_channels",
     "export_onnx",
     "export_quantized",
     "init_act_step",
@@ -65,6 +73,7 @@ __all__ = [
     "quantizable_layers",
     "quantize",
     "quantizer_parameters",
+    "reestimate_bn",
     "read_metadata",
     "record_input_shape",
     "resolve_act_bits",

@@ -1,9 +1,10 @@
 """``quantize``: the one verb that turns a float model into a QAT model (torchao's ``quantize_`` pattern).
 
 QAT is then the ordinary training loop on the returned model: build the float model, load the float
-checkpoint, ``quantize`` (step sizes initialise from those weights and, with ``calib``, one batch), then
-create the optimizer. The step sizes are ``nn.Parameter``s that any optimizer trains (exclude them from
-weight decay: ``quantizer_parameters``). The quantized layers compute in strict fp32 even under
+checkpoint, ``quantize`` (step sizes initialise from those weights and, with ``calib``, from calibration
+batches), then create the optimizer. Steps below 8 bits are learned ``log_step`` parameters
+(``quantizer_parameters``; ``kdsearch.train`` gives them an Adam optimizer of their own), wider ones fixed.
+After training, ``reestimate_bn`` refreshes BatchNorm statistics before export. The quantized layers compute in strict fp32 even under
 ``torch.autocast`` (``precision.strict_fp32``), as the exported model does; ``kdsearch.train`` runs whole QAT
 phases that way (no TF32 in the backward either). A QAT checkpoint is the quantized model's ``state_dict``: load it into
 ``quantize(fresh_model, cfg, weight_init="none")`` (the activation steps' init state is in it too).
@@ -16,6 +17,8 @@ reloaded model reproduces the QAT model's eval outputs bit for bit.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -44,14 +47,16 @@ def quantize(
     weight_init: str = "mse",
     act_init: str = "mse",
     impl: str = "auto",
+    learn_steps: bool = True,
 ) -> nn.Module:
     """Swap every Conv2d/Linear of ``model`` (in place) for its quantized wrapper; return ``model``.
 
     ``bit_config`` must name every quantizable layer (``BitConfig.validate``); 32-bit layers stay float
     modules. ``act_bits`` is the activation rule (``resolve_act_bits``). ``weight_init``: "mse" (default,
     lowest measured error), "lsq", "max", or "none" (steps left at 1, for loading a checkpoint).
-    Activation steps initialise from the first batch the layer sees, or from ``calib`` if given (one
-    no-grad forward in eval mode; the model's train/eval modes are restored afterwards).
+    Activation steps initialise from ``calib`` if given (``calibrate``: a tensor or several batches, in eval
+    mode), else from the first batch the layer sees. ``learn_steps=False`` fixes every step (a reloaded model);
+    otherwise steps below 8 bits are learned log-steps and the rest fixed (``quantizers.StepOf`` says why).
     """
     if is_quantized(model):
         raise ValueError("quantize: the model is already quantized; quantize a fresh float model")
@@ -68,7 +73,8 @@ def quantize(
         if bits == 32:
             continue
         cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
-        new = cls.from_float(layer, bits, resolve_act_bits(bits, act_bits), impl=impl, act_init=act_init)
+        new = cls.from_float(layer, bits, resolve_act_bits(bits, act_bits), impl=impl, act_init=act_init,
+                             learned=None if learn_steps else False)
         if hasattr(new.weight_quantizer, "init_from"):
             new.weight_quantizer.init_from(layer.weight, weight_init)
         _set_module(model, name, new)
@@ -82,18 +88,59 @@ def quantize(
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, x: torch.Tensor) -> None:
-    """(Re-)initialise every activation step from one eval-mode forward of ``x``."""
+def calibrate(model: nn.Module, batches: torch.Tensor | Iterable[torch.Tensor]) -> None:
+    """(Re-)set every activation step from eval-mode forwards of ``batches`` (one tensor, or several).
+
+    Each activation quantizer observes its float input over all batches (earlier layers unquantized, as
+    PyTorch's observers and NNCF's range initialisers see it) and takes the MSE-optimal step of the pooled
+    samples. Why eval mode and several un-augmented batches: the ranges then describe what the deployed
+    model sees (BatchNorm on running statistics, clean images), not one augmented batch under batch
+    statistics, which is what the first training batch would give. Train/eval modes are restored.
+    """
     quantizers = [m for m in model.modules() if isinstance(m, LsqActQuantizer)]
     for q in quantizers:
-        q._initialized = False
+        q.start_observing()
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        model(x)
+        for x in [batches] if isinstance(batches, torch.Tensor) else batches:
+            model(x)
     finally:
         for m, mode in modes.items():
             m.training = mode
+        for q in quantizers:
+            q.finish_observing()
+
+
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """Recompute every BatchNorm's running statistics of the (quantized) model from ``batches``; return how many.
+
+    Why: during QAT the running statistics are an exponential average over batches whose weights (and
+    quantization) kept changing; the deployed model folds them into its per-channel affine. Re-estimating them
+    with the final weights, as a cumulative average (``momentum=None``) over the given batches, is the standard
+    fix after QAT (e.g. torchao's and NNCF's QAT guidance; Nagel et al. 2022, "Overcoming Oscillations in
+    Quantization-Aware Training", sec. 4). Only BatchNorm layers run in training mode; nothing else changes.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return 0
+    modes = {m: m.training for m in model.modules()}
+    momenta = {m: m.momentum for m in bns}
+    try:
+        model.eval()
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        for x in batches:
+            model(x)
+    finally:
+        for m in bns:
+            m.momentum = momenta[m]
+        for m, mode in modes.items():
+            m.training = mode
+    return len(bns)
 
 
 def bit_config_of(model: nn.Module) -> BitConfig:
@@ -108,6 +155,9 @@ def act_bits_of(model: nn.Module) -> dict[str, int | None]:
     return {n: (m.act_bits if is_quant_layer(m) else None) for n, m in quantizable_layers(model)}  # type: ignore[union-attr]
 
 
+STEP_PARAM_SUFFIX = "_quantizer.scale.log_step"
+
+
 def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The learnable step sizes (to put in a no-weight-decay parameter group)."""
-    return [p for n, p in model.named_parameters() if n.endswith("_quantizer.step")]
+    """The learned log-steps (sub-8-bit quantizers): ``kdsearch.train`` gives them an optimizer of their own."""
+    return [p for n, p in model.named_parameters() if n.endswith(STEP_PARAM_SUFFIX)]

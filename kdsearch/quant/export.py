@@ -112,6 +112,55 @@ def _infer_num_classes(model: nn.Module) -> int | None:
     return linears[-1].out_features if linears else None
 
 
+class DeadChannelError(ValueError):
+    """A quantized layer holds a channel that carries no signal, or a step no file should hold; one line."""
+
+
+DEAD_STEP_RATIO = 1e3  # a step this many times below the channel's max|w| / Qp clips the whole channel
+
+
+@torch.no_grad()
+def dead_channels(model: nn.Module) -> list[str]:
+    """One line per dead or degenerate quantizer step of ``model`` (empty when every channel is alive).
+
+    Dead: a channel with non-zero float weights whose integer codes are all 0 (its step is so large that every
+    weight rounds to zero: the channel outputs nothing but its bias). Degenerate: a step that is not finite or
+    not positive, or so small that the channel's largest weight sits ``DEAD_STEP_RATIO`` times beyond the clip
+    limit (every weight clipped: the failure the learned 8-bit steps used to end in).
+    """
+    out: list[str] = []
+    for name, m in model.named_modules():
+        wq = getattr(m, "weight_quantizer", None)
+        if isinstance(wq, LsqWeightQuantizer):
+            s = wq.effective_step().detach().float().cpu()
+            w = m.weight.detach().float().cpu().reshape(s.numel(), -1)
+            amax = w.abs().amax(dim=1)
+            codes = wq.integers(m.weight).reshape(s.numel(), -1).cpu()
+            bad = ~torch.isfinite(s) | (s <= 0) | ((amax > 0) & (amax / s.clamp_min(1e-30) > DEAD_STEP_RATIO * wq.qp))
+            dead = (amax > 0) & (codes == 0).all(dim=1) & ~bad
+            out += [f"layer {name!r} channel {c} has a degenerate weight step {float(s[c]):.3g} "
+                    f"(max|w| = {float(amax[c]):.3g})" for c in bad.nonzero().flatten().tolist()]
+            out += [f"layer {name!r} channel {c} is dead: every {wq.bits}-bit code is 0 (step {float(s[c]):.3g}, "
+                    f"max|w| = {float(amax[c]):.3g})" for c in dead.nonzero().flatten().tolist()]
+        aq = getattr(m, "act_quantizer", None)
+        if isinstance(aq, LsqActQuantizer) and aq.is_initialized:
+            a = float(aq.effective_step().reshape(()))
+            if not 0 < a < float("inf"):
+                out.append(f"layer {name!r} has a degenerate activation step {a!r}")
+    return out
+
+
+def check_steps(model: nn.Module) -> None:
+    """Refuse a model with a dead or degenerate quantizer step (``dead_channels``): the first, in one line.
+
+    Why: a file holding one would ship a model that the size report describes but that silently lost channels.
+    """
+    bad = dead_channels(model)
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise DeadChannelError(f"export: {bad[0]}{more}; refusing to export it")
+
+
 @torch.no_grad()
 def export_quantized(
     model: nn.Module,
@@ -131,6 +180,8 @@ def export_quantized(
     """
     shape = checked_input_shape(input_shape) if input_shape is not None else input_shape_of(model)
     from kdsearch.io import atomic_path
+
+    check_steps(model)
 
     tensors: dict[str, torch.Tensor] = {}
     state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
@@ -154,7 +205,7 @@ def export_quantized(
         elif entry.role == "scale":
             t = _layer_of(model, entry.key, ".weight_scale").weight_quantizer.effective_step()
         elif entry.role == "act_step":
-            t = _layer_of(model, entry.key, ".act_step").act_quantizer.step.float().clamp_min(1e-8)
+            t = _layer_of(model, entry.key, ".act_step").act_quantizer.effective_step()
         elif entry.role == "hweight":
             t = state[entry.key].float().clamp(-65504.0, 65504.0).half()
         elif entry.role == "bn":
@@ -211,12 +262,12 @@ def load_quantized(
         model = create_model(meta["arch"], num_classes=int(meta["num_classes"]))
     else:
         model = model_factory()
-    quantize(model, BitConfig.from_dict(meta["bit_config"]), weight_init="none")
+    quantize(model, BitConfig.from_dict(meta["bit_config"]), weight_init="none", learn_steps=False)
     record_input_shape(model, meta.get("input_shape"))
     for name, spec in meta["act"].items():
         layer = model.get_submodule(name)
         if hasattr(layer, "act_quantizer"):
-            layer.act_quantizer = make_act_quantizer(spec and spec["bits"], "auto", "mse")
+            layer.act_quantizer = make_act_quantizer(spec and spec["bits"], "auto", "mse", learned=False)
     tensors = load_file(str(path))
     plan = storage_plan(model)
     expected, found = {e.key for e in plan}, set(tensors)
@@ -245,7 +296,7 @@ def load_quantized(
         elif entry.role == "scale":
             quantizer = _layer_of(model, entry.key, ".weight_scale").weight_quantizer
             assert isinstance(quantizer, LsqWeightQuantizer)
-            quantizer.step.copy_(t)
+            quantizer.set_step(t)
         elif entry.role == "act_step":
             name = entry.key[: -len(".act_step")]
             model.get_submodule(name).act_quantizer.set_state(float(t.reshape(())), meta["act"][name]["signed"])

@@ -2,11 +2,12 @@
 
 The wrappers *are* ``nn.Conv2d`` / ``nn.Linear`` subclasses that share the float layer's ``weight`` and
 ``bias`` parameters, so ``isinstance`` checks, initialisers, optimiser parameter groups and
-``state_dict`` keys of the float model keep working; the quantizers add their own parameters
-(``weight_quantizer.step``, ``act_quantizer.step``) and buffers.
+``state_dict`` keys of the float model keep working; the quantizers add their own steps
+(``weight_quantizer.scale``, ``act_quantizer.scale``: a fixed buffer at 8 bits and wider, a learned
+``log_step`` parameter below) and buffers.
 
 Forward: quantize the input (activation quantizer: LSQ, fp16 cast, or nothing), quantize the weight
-(LSQ per channel, or fp16), then the ordinary conv/linear. All of it runs in strict fp32
+(per channel, or fp16), then the ordinary conv/linear. All of it runs in strict fp32
 (``precision.strict_fp32``: autocast off, no TF32), also when the caller has bf16 autocast on, because the
 exported integer model computes q*s products in fp32: under bf16 the conv would round every product to 8
 significant bits and the QAT model would not be the model the file holds. The output is fp32.
@@ -22,26 +23,29 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .precision import strict_fp32
+from .precision import strict_fp32, strict_fp32_active
 from .quantizers import HalfQuantizer, LsqActQuantizer, LsqWeightQuantizer
 
 Quantizer = LsqWeightQuantizer | LsqActQuantizer | HalfQuantizer
 
 
-def make_weight_quantizer(bits: int, out_channels: int, impl: str) -> LsqWeightQuantizer | HalfQuantizer | None:
+def make_weight_quantizer(bits: int, out_channels: int, impl: str,
+                          learned: bool | None = None) -> LsqWeightQuantizer | HalfQuantizer | None:
+    """``learned``: None = by width (learned below 8 bits, see ``quantizers.StepOf``), False = every step fixed."""
     if bits == 32:
         return None
     if bits == 16:
         return HalfQuantizer()
-    return LsqWeightQuantizer(bits, out_channels, impl)
+    return LsqWeightQuantizer(bits, out_channels, impl, learned=learned)
 
 
-def make_act_quantizer(act_bits: int | None, impl: str, init: str) -> LsqActQuantizer | HalfQuantizer | None:
+def make_act_quantizer(act_bits: int | None, impl: str, init: str,
+                       learned: bool | None = None) -> LsqActQuantizer | HalfQuantizer | None:
     if act_bits is None or act_bits == 32:
         return None
     if act_bits == 16:
         return HalfQuantizer()
-    return LsqActQuantizer(act_bits, impl, init)
+    return LsqActQuantizer(act_bits, impl, init, learned=learned)
 
 
 class _QuantMixin:
@@ -52,11 +56,12 @@ class _QuantMixin:
     act_quantizer: LsqActQuantizer | HalfQuantizer | None
     _bypass: bool
 
-    def _adopt(self, src: nn.Module, weight_bits: int, act_bits: int | None, impl: str, act_init: str) -> Any:
+    def _adopt(self, src: nn.Module, weight_bits: int, act_bits: int | None, impl: str, act_init: str,
+               learned: bool | None) -> Any:
         """Take over `src`'s parameters (shared, not copied), attach the quantizers, match its mode and device."""
         self.weight, self.bias = src.weight, src.bias
-        self.weight_quantizer = make_weight_quantizer(weight_bits, src.weight.shape[0], impl)
-        self.act_quantizer = make_act_quantizer(act_bits, impl, act_init)
+        self.weight_quantizer = make_weight_quantizer(weight_bits, src.weight.shape[0], impl, learned)
+        self.act_quantizer = make_act_quantizer(act_bits, impl, act_init, learned)
         self._bypass = False
         self.train(src.training)  # type: ignore[attr-defined]
         return self.to(src.weight.device)  # type: ignore[attr-defined]
@@ -86,11 +91,17 @@ class _QuantMixin:
             from .qdq import qdq_operands
 
             return self._op(*qdq_operands(self, x))
-        with strict_fp32(x.device.type):
-            x = x.float()
-            if self.act_quantizer is not None:
-                x = self.act_quantizer(x)
-            return self._op(x, self.quantized_weight())
+        if strict_fp32_active() and not torch.is_autocast_enabled(x.device.type):
+            # a phase (training, evaluation, calibration) set the precision flags once for all its layers
+            return self._quantized_forward(x)
+        with strict_fp32(x.device.type):  # a bare call: set them for this layer alone
+            return self._quantized_forward(x)
+
+    def _quantized_forward(self, x: Tensor) -> Tensor:
+        x = x.float()
+        if self.act_quantizer is not None:
+            x = self.act_quantizer(x)
+        return self._op(x, self.quantized_weight())
 
 
 class QuantConv2d(_QuantMixin, nn.Conv2d):
@@ -103,12 +114,13 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         *,
         impl: str = "auto",
         act_init: str = "mse",
+        learned: bool | None = None,
     ) -> QuantConv2d:
         q = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
             conv.groups, conv.bias is not None, conv.padding_mode, device="meta", dtype=conv.weight.dtype,
         )  # fmt: skip
-        return q._adopt(conv, weight_bits, act_bits, impl, act_init)
+        return q._adopt(conv, weight_bits, act_bits, impl, act_init, learned)
 
     def _op(self, x: Tensor, w: Tensor) -> Tensor:
         return self._conv_forward(x, w, self.bias)
@@ -127,10 +139,11 @@ class QuantLinear(_QuantMixin, nn.Linear):
         *,
         impl: str = "auto",
         act_init: str = "mse",
+        learned: bool | None = None,
     ) -> QuantLinear:
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta",
                 dtype=linear.weight.dtype)  # fmt: skip
-        return q._adopt(linear, weight_bits, act_bits, impl, act_init)
+        return q._adopt(linear, weight_bits, act_bits, impl, act_init, learned)
 
     def _op(self, x: Tensor, w: Tensor) -> Tensor:
         return F.linear(x, w, self.bias)

@@ -88,6 +88,8 @@ class _LsqFunction(torch.autograd.Function):
             lo, hi = -ctx.qn * step, ctx.qp * step
         # strictly inside the clip range (LSQ eq. 3: the limits count as clipped): the 1/0 mask, then grad_x
         gx = gy * ((x > lo) & (x < hi))
+        if not ctx.needs_input_grad[1]:  # a fixed step (8 bits and wider): no step gradient to compute
+            return gx, None, None, None, None
         # LSQ eq. 3 summed: sum(gy * (round(clamp(v)) - v * inside)) = (sum(gy * out) - sum(gx * x)) / s
         if per_tensor and gy.is_contiguous() and out.is_contiguous() and x.is_contiguous():
             gs = (torch.dot(gy.view(-1), out.view(-1)) - torch.dot(gx.view(-1), x.view(-1))).reshape(step.shape)

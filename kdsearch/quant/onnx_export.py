@@ -66,7 +66,7 @@ def _prepare(model: nn.Module) -> None:
                 if not aq.is_initialized:
                     raise ValueError(f"export_onnx: activation quantizer of {name!r} never saw data; calibrate first")
                 qn, qp = aq.qrange
-                cache["act"] = (float(aq.step.clamp_min(1e-8)), qn, qp, aq.is_signed)
+                cache["act"] = (float(aq.effective_step()), qn, qp, aq.is_signed)
             if isinstance(wq, LsqWeightQuantizer):
                 q = wq.integers(m.weight).to(torch.int8)
                 cache["weight"] = (q, wq.effective_step().clone(), torch.zeros(q.shape[0], dtype=torch.int8))

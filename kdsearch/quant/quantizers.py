@@ -1,4 +1,4 @@
-"""Fake quantizers: LSQ for integer weights and activations, a saturating fp16 cast for 16-bit layers.
+"""Fake quantizers: LSQ's arithmetic for integer weights and activations, a saturating fp16 cast for 16-bit layers.
 
 LSQ (Esser et al., "Learned Step Size Quantization", ICLR 2020) quantizes ``v`` with a learned step ``s``:
 
@@ -15,6 +15,9 @@ per-channel weight quantizer, the features of one sample for the per-tensor acti
 Ranges (LSQ's): signed ``Qn = 2^(b-1), Qp = 2^(b-1) - 1`` (zero point 0, "symmetric" in the sense of no
 offset); unsigned ``Qn = 0, Qp = 2^b - 1``, chosen for activations whose calibration batch is non-negative
 (after ReLU/ReLU6), which doubles their resolution.
+
+Which steps are learned: only below 8 bits, as a log-step in an optimizer of its own; 8-bit and wider steps are
+set from the data (weights: MSE-optimal per channel; activations: calibration) and fixed. ``StepOf`` says why.
 
 The autograd implementations (``impl``) live in ``lsq_ops.py``.
 
@@ -33,7 +36,7 @@ from torch import Tensor, nn
 from .lsq_ops import IMPL_FNS, lsq_grad_scale, resolve_impl
 
 INTEGER_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
-STEP_EPS = 1e-8  # steps are clamped to this: a step that SGD pushes to <= 0 would divide by zero
+STEP_EPS = 1e-8  # the smallest step an initialisation may set (an all-zero channel gets step 1 instead)
 IMPLS = ("auto", "function", "compiled", "reference", "fused")  # see lsq_ops.py
 INITS = ("mse", "lsq", "max", "none")
 _FP16_MAX = 65504.0
@@ -127,26 +130,81 @@ def init_act_step(x: Tensor, bits: int, signed: bool, method: str = "mse") -> fl
     return max(float(s.reshape(())), STEP_EPS)
 
 
-class LsqWeightQuantizer(nn.Module):
-    """Signed, per-output-channel LSQ fake quantizer for conv/linear weights (axis 0)."""
+LEARN_BELOW = 8  # steps of quantizers narrower than this many bits are learned; at 8 bits and wider they are fixed
 
-    def __init__(self, bits: int, out_channels: int, impl: str = "auto") -> None:
+
+class StepOf(nn.Module):
+    """A quantizer's step: fixed (a buffer) or learned (``log_step``, a parameter), never <= 0 either way.
+
+    Why two kinds (issue: learned 8-bit weight steps ran away and killed channels):
+
+    * **Fixed at 8 bits and wider.** At 8 bits the rounding error is far below the weights' own noise, so a
+      learned step buys nothing and costs stability: with each channel's largest weight at the clip edge,
+      LSQ's step gradient is dominated by the ``+-Qp * dL/dv`` terms of the clipped values, the step grows or
+      shrinks far faster than the weights move, and a step clamped at ``STEP_EPS`` clips the whole channel to
+      zero for good. HAWQ-V3 (Yao et al. 2021) and torchao's QAT take 8-bit weight scales from the weights
+      themselves; here they are set once, from the trained float weights (``init_weight_step``), and frozen,
+      which also makes export and reload bit-exact. 8-bit activation steps are calibrated (``calibrate``)
+      and frozen likewise.
+    * **Learned below 8 bits**, where LSQ's gain lives (Esser et al. 2020), but stably: the parameter is
+      ``log s`` (so ``s = exp(log s)`` can never cross zero), its gradient still carries LSQ's scale
+      ``g = 1/sqrt(N Qp)``, and ``kdsearch.train`` puts these parameters in an optimizer of their own
+      (Adam, ``TrainConfig.step_lr``): Adam's per-parameter normalisation makes the update of ``log s``
+      about ``step_lr`` per step whatever the step's magnitude, so the drift of a step over a run is bounded
+      by ``steps x step_lr`` instead of by the size of its gradient.
+    """
+
+    def __init__(self, channels: int, learned: bool) -> None:
+        super().__init__()
+        self.learned = learned
+        if learned:
+            self.log_step = nn.Parameter(torch.zeros(channels))
+        else:
+            self.register_buffer("step", torch.ones(channels))
+
+    def value(self) -> Tensor:
+        return self.log_step.float().exp() if self.learned else self.step.float()
+
+    @torch.no_grad()
+    def set(self, step: Tensor | float) -> None:
+        t = torch.as_tensor(step, dtype=torch.float32).reshape(-1).clamp_min(STEP_EPS)
+        if self.learned:
+            self.log_step.copy_(t.log().expand_as(self.log_step))
+        else:
+            self.step.copy_(t.expand_as(self.step))
+
+
+class LsqWeightQuantizer(nn.Module):
+    """Signed, per-output-channel fake quantizer for conv/linear weights (axis 0): LSQ's formula and gradient.
+
+    ``learned`` (default: ``bits < LEARN_BELOW``) picks a learned log-step or a fixed one (see ``StepOf``).
+    """
+
+    def __init__(self, bits: int, out_channels: int, impl: str = "auto", learned: bool | None = None) -> None:
         super().__init__()
         _check_bits(bits)
         _check_impl(impl)
         self.bits = bits
         self.qn, self.qp = signed_range(bits)
         self.impl = impl
-        self.step = nn.Parameter(torch.ones(out_channels))
+        self.scale = StepOf(out_channels, bits < LEARN_BELOW if learned is None else learned)
         self.register_buffer("zero_point", torch.zeros(out_channels), persistent=False)
+
+    @property
+    def learned(self) -> bool:
+        return self.scale.learned
 
     @torch.no_grad()
     def init_from(self, weight: Tensor, method: str = "mse") -> None:
         if method != "none":
-            self.step.copy_(init_weight_step(weight, self.bits, method))
+            self.scale.set(init_weight_step(weight, self.bits, method))
+
+    def set_step(self, step: Tensor) -> None:
+        self.scale.set(step)
 
     def effective_step(self) -> Tensor:
-        return self.step.float().clamp_min(STEP_EPS)
+        """The per-channel step [out_channels] the forward uses (what export stores)."""
+        return self.scale.value()
 
     def forward(self, w: Tensor) -> Tensor:
         s = self.effective_step()
@@ -165,18 +223,22 @@ class LsqWeightQuantizer(nn.Module):
         return torch.round(self.forward(w.float()) / s).to(torch.int16)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, channels={self.step.numel()}, impl={self.impl}"
+        kind = "learned log-step" if self.learned else "fixed step"
+        return f"bits={self.bits}, channels={self.zero_point.numel()}, {kind}, impl={self.impl}"
 
 
 class LsqActQuantizer(nn.Module):
-    """Per-tensor LSQ fake quantizer for a layer's input; the step is set from the first batch it sees.
+    """Per-tensor fake quantizer for a layer's input (LSQ's formula); its step comes from calibration.
 
-    Signedness is chosen from that batch: unsigned when its minimum is >= 0 (inputs after ReLU/ReLU6),
-    signed otherwise. ``initialized``/``signed`` are buffers, so a loaded checkpoint does not re-initialise;
+    ``kdsearch.quant.calibrate`` sets the step (MSE over several eval-mode batches) and the signedness:
+    unsigned when the calibration data is non-negative (inputs after ReLU/ReLU6), signed otherwise. A
+    quantizer that never saw calibration initialises from the first batch it sees (a fallback for direct
+    use). The step is fixed at 8 bits and wider and learned (log-parameterised) below, as for weights
+    (``StepOf``). ``initialized``/``signed`` are buffers, so a loaded checkpoint does not re-initialise;
     Python-side copies avoid a device sync per forward.
     """
 
-    def __init__(self, bits: int, impl: str = "auto", init: str = "mse") -> None:
+    def __init__(self, bits: int, impl: str = "auto", init: str = "mse", learned: bool | None = None) -> None:
         super().__init__()
         _check_bits(bits)
         _check_impl(impl)
@@ -185,12 +247,17 @@ class LsqActQuantizer(nn.Module):
         self.bits = bits
         self.impl = impl
         self.init_method = init
-        self.step = nn.Parameter(torch.ones(1))
+        self.scale = StepOf(1, bits < LEARN_BELOW if learned is None else learned)
         self.register_buffer("signed", torch.zeros((), dtype=torch.bool))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.register_buffer("zero_point", torch.zeros(1), persistent=False)
         self._signed = False
         self._initialized = False
+        self._observed: list[Tensor] | None = None  # calibration: samples seen while observing
+
+    @property
+    def learned(self) -> bool:
+        return self.scale.learned
 
     @property
     def qrange(self) -> tuple[int, int]:
@@ -204,10 +271,14 @@ class LsqActQuantizer(nn.Module):
     def is_signed(self) -> bool:
         return self._signed
 
+    def effective_step(self) -> Tensor:
+        """The step (shape [1]) the forward uses (what export stores)."""
+        return self.scale.value()
+
     @torch.no_grad()
     def set_state(self, step: float, signed: bool) -> None:
         """Set step and signedness explicitly (used by calibration and by ``load_quantized``)."""
-        self.step.fill_(step)
+        self.scale.set(step)
         self.signed.fill_(signed)
         self.initialized.fill_(True)
         self._signed, self._initialized = bool(signed), True
@@ -217,15 +288,30 @@ class LsqActQuantizer(nn.Module):
         signed = bool(x.detach().min() < 0)
         self.set_state(init_act_step(x, self.bits, signed, self.init_method), signed)
 
+    def start_observing(self) -> None:
+        """Pass inputs through unquantized and keep a subsample of each, until ``finish_observing``."""
+        self._observed = []
+
+    @torch.no_grad()
+    def finish_observing(self) -> None:
+        """Set step and signedness from everything observed (one MSE search over the pooled samples)."""
+        seen, self._observed = self._observed, None
+        if seen:
+            self.calibrate(torch.cat(seen))
+
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kw: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kw)
         self._signed, self._initialized = bool(self.signed), bool(self.initialized)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._observed is not None:
+            flat = x.detach().float().reshape(-1)
+            self._observed.append(flat[:: max(1, flat.numel() // _MSE_ACT_SAMPLES + 1)].clone())
+            return x
         if not self._initialized:
             self.calibrate(x)
         qn, qp = self.qrange
-        s = self.step.float().clamp_min(STEP_EPS)
+        s = self.effective_step()
         g = lsq_grad_scale(x[0].numel() if x.dim() > 1 else x.numel(), qp)
         impl = resolve_impl(self.impl)
         if impl == "fused":
@@ -234,7 +320,8 @@ class LsqActQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         sign = "signed" if self._signed else "unsigned" if self._initialized else "sign from first batch"
-        return f"bits={self.bits}, {sign}, impl={self.impl}"
+        kind = "learned log-step" if self.learned else "fixed step"
+        return f"bits={self.bits}, {sign}, {kind}, impl={self.impl}"
 
 
 class HalfQuantizer(nn.Module):

@@ -29,10 +29,10 @@ from torch import nn
 
 from .bitconfig import ActRule, BitConfig, check_act_rule, quantizable_layers, resolve_act_bits
 from .layers import is_quant_layer
-from .quantizers import HalfQuantizer, LsqActQuantizer, LsqWeightQuantizer
+from .quantizers import HalfQuantizer, LsqActQuantizer, LsqWeightQuantizer, StepOf
 
 Role = Literal["qweight", "hweight", "scale", "act_step", "bn", "float"]
-_QUANTIZER_TYPES = (LsqWeightQuantizer, LsqActQuantizer, HalfQuantizer)
+_QUANTIZER_TYPES = (LsqWeightQuantizer, LsqActQuantizer, HalfQuantizer, StepOf)
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def storage_plan(
 
 
 def _num_params(model: nn.Module) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if not n.endswith("_quantizer.step"))
+    return sum(p.numel() for n, p in model.named_parameters() if "_quantizer." not in n)
 
 
 def model_size(model: nn.Module, bit_config: Mapping[str, int] | None = None, *, act_bits: ActRule = 8) -> SizeReport:

@@ -114,6 +114,44 @@ class SearchSpace:
             out[n] = min(up) if up else max(ch)
         return out
 
+    def _draw(self, rng: Any, n: int) -> tuple[Any, Any]:
+        """``n`` configurations drawn uniformly from the whole space: (choice indices [n, L], sizes in bytes [n])."""
+        import numpy as np
+
+        idx = np.stack([rng.integers(0, len(ch), size=n) for ch in self.choices], axis=1)
+        costs = [np.asarray(co, dtype=np.int64) for co in self.costs]
+        size = self.fixed_bytes + sum(costs[j][idx[:, j]] for j in range(len(self.layers)))
+        return idx, size
+
+    def feasible_fraction(self, samples: int = 200_000, seed: int = 0) -> float:
+        """The fraction of the whole space (uniform over every layer's choices) that fits the budget, by sampling."""
+        import numpy as np
+
+        _, size = self._draw(np.random.default_rng(seed), samples)
+        return float((size <= self.budget_bytes).mean())
+
+    def sample_feasible(self, n: int, seed: int = 0, batch: int = 100_000,
+                        max_draws: int = 50_000_000) -> list[dict[str, int]]:
+        """``n`` configurations drawn uniformly from the feasible ones (rejection sampling over the whole space).
+
+        What a user's random search under a hard budget does: draw, discard what does not fit, keep drawing.
+        Raises ValueError when ``max_draws`` draws found fewer than ``n`` (a space almost nothing of fits).
+        """
+        import numpy as np
+
+        rng = np.random.default_rng(seed)
+        out: list[dict[str, int]] = []
+        drawn = 0
+        while len(out) < n:
+            if drawn >= max_draws:
+                raise ValueError(f"sample_feasible: {drawn} draws found {len(out)} of {n} configurations that fit "
+                                 f"{self.budget_mb:g} MB")
+            idx, size = self._draw(rng, batch)
+            drawn += batch
+            for row in idx[size <= self.budget_bytes][: n - len(out)]:
+                out.append({name: int(self.choices[j][k]) for j, (name, k) in enumerate(zip(self.layers, row))})
+        return out
+
     def enumerate(self) -> Iterable[dict[str, int]]:
         """Every configuration (small spaces only: tests and exhaustive baselines)."""
         import itertools

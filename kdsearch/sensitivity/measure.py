@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..quant.layers import make_weight_quantizer
+from ..quant.precision import strict_fp32
 
 WEIGHT_INIT = "mse"  # what `kdsearch.quant.quantize` initialises weight steps with (its default)
 
@@ -180,13 +181,16 @@ def sensitivity_table(
     device = device or next(model.parameters()).device
     model.to(device)
     t = Timings()
-    t0 = time.perf_counter()
-    sweep = _sweep(model, images, bits_by_layer, batch_size, device)
-    t.float_logits_and_kl = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    traces = hutchinson_mean_traces(model, images, labels, list(bits_by_layer), samples=hutchinson_samples,
-                                    seed=seed, batch_size=batch_size, device=device)
-    t.hessian = time.perf_counter() - t0
+    # Strict fp32 for the whole sweep (no TF32 / implicit bf16, no autocast): the small KLs of 8-bit weights
+    # would otherwise carry the reduced-precision matmuls' noise, and rank layers by it.
+    with strict_fp32(device.type):
+        t0 = time.perf_counter()
+        sweep = _sweep(model, images, bits_by_layer, batch_size, device)
+        t.float_logits_and_kl = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        traces = hutchinson_mean_traces(model, images, labels, list(bits_by_layer), samples=hutchinson_samples,
+                                        seed=seed, batch_size=batch_size, device=device)
+        t.hessian = time.perf_counter() - t0
     rows = []
     for index, (name, bits_list) in enumerate(bits_by_layer.items()):
         params = model.get_submodule(name).weight.numel()

@@ -30,7 +30,9 @@ import pandas as pd
 from ..context import RunContext
 from ..io import atomic_to_parquet, atomic_write_json, stable_hash
 from ..rundir import RunDir
-from ..selection import Candidate, bits_used, merge_candidates, searched_candidates, uniform_candidates
+from ..selection import (
+    Candidate, allocation_candidates, bits_used, merge_candidates, searched_candidates, uniform_candidates,
+)
 from ..spec import Spec
 from .tasks import Resources, Unit, gather, submit
 
@@ -47,12 +49,14 @@ def _file_key(path: Path) -> str:
 def model_key(spec: Spec, rd: RunDir, cand: Candidate, seed: int) -> str:
     """Every input of one finalized model: its start model, bits, QAT, KD, teachers, data, pins, seed."""
     from ..distill import teachers_key
+    from ..qat import recipe_key
     from ..recipes import data_key, kd_settings
 
     kd = ({"distill": kd_settings(spec, spec.distill.strategy), "teachers": teachers_key(spec, rd.root),
            "source": spec.distill.source} if cand.kd else None)
     return stable_hash({"student": _file_key(rd.student(cand.start, seed)), "bits": dict(cand.bits), "kd": kd,
-                        "qat": spec.quant.qat.model_dump(mode="json"), "act_bits": spec.quant.act_bits,
+                        "qat": spec.quant.qat.model_dump(mode="json") if cand.trains else None,
+                        "recipe": recipe_key(spec), "trains": cand.trains, "act_bits": spec.quant.act_bits,
                         "pin": spec.quant.pin, "data": data_key(spec), "seed": seed})
 
 
@@ -63,7 +67,7 @@ def _finalize_task(spec_dict: dict[str, Any], run_dir: str, cand: dict[str, Any]
     from ..data import EvalLoader, Normalizer, load_data
     from ..distill import teacher_source
     from ..qat import qat_finetune
-    from ..quant import export_quantized, load_quantized, model_size
+    from ..quant import dead_channels, export_quantized, load_quantized, model_size
     from ..raycluster import task_device, where
     from ..runtime import set_cpu_threads
     from ..spec import parse_spec
@@ -87,15 +91,21 @@ def _finalize_task(spec_dict: dict[str, Any], run_dir: str, cand: dict[str, Any]
     t0 = time.perf_counter()
     bundle = load_data(spec.data)
     teacher = None
-    if c.kd:
+    if c.kd and c.trains:
         teacher = teacher_source(spec, rd.root, spec.distill.source, bundle=bundle, device=device, seed=seed,
                                  pool_tag=pool_tag)
     cfg = spec.quant.qat
-    log.info("finalize: %s seed %d (%s; %s), %d epochs of QAT%s from the %s student", c.id, seed, c.label,
-             ", ".join(c.roles), cfg.epochs, "+KD" if c.kd else "", c.start)
+    if c.trains:
+        log.info("finalize: %s seed %d (%s; %s), %d epochs of QAT%s from the %s student", c.id, seed, c.label,
+                 ", ".join(c.roles), cfg.epochs, "+KD" if c.kd else "", c.start)
+    else:
+        log.info("finalize: %s seed %d (%s): post-training quantization of the %s student, no training", c.id,
+                 seed, c.label, c.start)
     model, m = qat_finetune(spec, rd.student(c.start, seed), c.bits, cfg, device=device, seed=seed, teacher=teacher,
-                            ckpt_path=ckpt, bundle=bundle, desc=f"finalize {c.id} s{seed}", resume_key=key)
+                            ckpt_path=ckpt, bundle=bundle, desc=f"finalize {c.id} s{seed}", resume_key=key,
+                            train=c.trains)
     size = model_size(model)
+    dead = dead_channels(model)  # export refuses any; recorded so that the table can say it counted them
     file_bytes = export_quantized(model, kdq, arch=spec.student.arch, num_classes=bundle.num_classes,
                                   input_shape=bundle.image_shape,
                                   metadata={"id": c.id, "seed": seed, "spec": spec.name, "data_version": bundle.version})
@@ -114,7 +124,9 @@ def _finalize_task(spec_dict: dict[str, Any], run_dir: str, cand: dict[str, Any]
         "bit_config": dict(c.bits), "bits_used": list(bits_used(c.bits)), "val_acc": m["val_acc"],
         "export_val_acc": export_val, "export_ok": ok, "test_acc": test_acc, "size_mb": size.total_mb,
         "total_bytes": size.total_bytes, "file_bytes": file_bytes, "avg_bits": size.avg_bits, "fp32_mb": size.fp32_mb,
-        "compression": size.compression, "epochs": cfg.epochs, "file": kdq.name,
+        "compression": size.compression, "epochs": cfg.epochs if c.trains else 0, "file": kdq.name,
+        "dead_channels": len(dead), "bn_reestimated": m.get("bn_reestimated", 0),
+        "val_acc_before_bn": m.get("val_acc_before_bn"),
         "source": spec.distill.source if c.kd else None, "seconds": time.perf_counter() - t0,
         "data_version": bundle.version, "inputs_key": key, "device": str(device), "node": where(),
         "attempts": attempts, "epochs_run": m["epochs_run"], "history": m["history"],
@@ -158,7 +170,7 @@ def _cache_deps(spec: Spec, rd: RunDir, res: Resources) -> dict[int, list[Any]]:
 
 TABLE_COLUMNS = ["id", "seed", "kind", "label", "roles", "start", "kd", "source", "bits_used", "val_acc",
                  "export_val_acc", "export_ok", "test_acc", "size_mb", "total_bytes", "file_bytes", "avg_bits",
-                 "compression", "epochs", "trial_number", "search_acc", "bits", "file", "node"]
+                 "compression", "epochs", "trial_number", "search_acc", "bits", "file", "node", "dead_channels"]
 
 
 def final_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -190,7 +202,10 @@ def select_candidates(spec: Spec, run_dir: Path) -> tuple[list[Candidate], list[
     priors = json.loads(rd.priors_file.read_text()) if rd.priors_file.is_file() else None
     model, _ = load_model(rd.student("kd", spec.seed))
     searched, missing = searched_candidates(results, spec.search.budgets_mb, spec.finalize.top_k, priors)
-    return merge_candidates(uniform_candidates(model, spec.quant.pin) + searched), missing
+    # allocation-only last: when the search's pick is the solver's own configuration (its warm start), that one
+    # model carries both roles under its trial id, and "searched minus allocation only" is 0 by construction
+    return merge_candidates(uniform_candidates(model, spec.quant.pin, spec.finalize.uniform_bits) + searched
+                            + allocation_candidates(spec.search.budgets_mb, priors)), missing
 
 
 def finalize_stage(spec: Spec, ctx: RunContext) -> dict[str, Any]:
@@ -224,7 +239,7 @@ def finalize_stage(spec: Spec, ctx: RunContext) -> dict[str, Any]:
         for s in spec.seeds:
             unit = Unit(f"finalize {c.id} s{s}", _finalize_task,
                         (spec.to_dict(), str(rd.root), cd, s, pool.tag if pool else None), resources=res)
-            refs[f"{c.id} s{s}"] = submit(unit, *(deps[s] if c.kd else []))
+            refs[f"{c.id} s{s}"] = submit(unit, *(deps[s] if c.kd and c.trains else []))
     total = len(refs)
     atomic_write_json(rd.final_dir / "progress.json", {"total": total, "done": 0, "running": sorted(refs),
                                                          "updated": time.strftime("%Y-%m-%dT%H:%M:%S")})

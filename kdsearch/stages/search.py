@@ -32,9 +32,11 @@ KEY_FILE = "search_key.json"
 
 def search_key(spec: Spec, student: Path, priors: dict[str, Any] | None) -> str:
     """What a search depends on; a restored experiment must have been started from the same."""
+    from ..qat import recipe_key
+
     d = spec.key_dict()  # the sensitivity settings act through `priors` (None when the search ignores them)
     return stable_hash({k: d[k] for k in ("seed", "data", "distill", "quant", "search")}
-                       | {"student": file_digest(student), "priors": priors})
+                       | {"student": file_digest(student), "priors": priors, "recipe": recipe_key(spec)})
 
 
 def _claim_dir(out: Path, key: str) -> None:
