@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .progress import fmt_duration
+from .eta import fmt_duration
 from .spec import Spec, SpecError
 from .ticker import Ticker
 

@@ -20,6 +20,7 @@ from typing import Any
 from .context import RunContext
 from .errors import StageFailed
 from .io import atomic_write_json, stable_hash
+from .progress import EtaReporter
 from .spec import Spec
 
 log = logging.getLogger("kdsearch.pipeline")
@@ -195,7 +196,7 @@ def run_pipeline(spec: Spec, ctx: RunContext, only: tuple[str, ...] | None = Non
             log.info("stage %s: inputs changed (%s); redoing", stage.name, ", ".join(fields))
         log.info("stage %s: running", stage.name)
         t0 = time.perf_counter()
-        with _waiting(spec, stage.name, view):
+        with _waiting(spec, stage.name, view), EtaReporter(ctx.run_dir, stage.name):
             summary = stage.fn(spec, ctx)
         manifest["stages"][stage.name] = {"key": key, "summary": summary, "seconds": round(time.perf_counter() - t0, 2),
                                           "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
