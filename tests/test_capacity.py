@@ -127,3 +127,14 @@ def test_on_a_multi_node_ray_an_impossible_student_request_fails_fast_and_a_feas
     node = json.loads(ok.stdout)["scratch s0"]["node"]
     assert node["node_id"] == big.node_id  # the only node that holds 2 CPUs
 
+
+def test_the_workstation_spec_fits_one_gpu_and_8_cpus_two_tasks_at_a_time() -> None:
+    from kdsearch.pipeline import STAGES
+
+    spec = load_spec("workstation")
+    box = ClusterView(((8.0, 1.0),), can_grow=False)
+    reqs = check_capacity(spec, [s.name for s in STAGES], box)
+    assert {r.section for r in reqs} == {"teachers", "student", "search"}
+    for r in reqs:  # teachers and students two at a time (the two teachers; scratch and KD), trials four
+        share = 4 if r.section == "search" else 2
+        assert r.cpus * share <= 8 and r.gpus * share <= 1, r
