@@ -92,6 +92,6 @@ class StepClock:
                                       "total_steps": self.total_steps, "done": finished})
 
     def _log(self, done: int, per_step: float, left: float, when: str) -> None:
-        until = time.strftime("%a %H:%M", time.localtime(time.time() + left))
+        until = time.strftime("%a %d %b %H:%M", time.localtime(time.time() + left))  # weeks away on a CPU
         log.info("ETA %s (%s): %.3g s/step on %s, %d of %d steps left: about %s (until %s)", self.desc, when,
                  per_step, self.device, self.total_steps - done, self.total_steps, fmt_duration(left), until)
