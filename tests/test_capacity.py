@@ -83,6 +83,24 @@ def test_on_a_cluster_that_can_grow_a_request_waits_and_kdsearch_says_what_and_f
     assert len(watch.lines) == 3
 
 
+def test_rays_autoscaler_lines_stay_quiet_even_when_ray_was_imported_first(monkeypatch) -> None:
+    """kdsearch says what waits in its own words; Ray's driver filter then prints none of the autoscaler's events
+    ("No available node types can fulfill resource request ..."). A user's own RAY_SCHEDULER_EVENTS wins."""
+    from ray._private import ray_constants
+    from ray._private.worker import filter_autoscaler_events
+
+    from kdsearch.raycluster import quiet_ray_env
+
+    line = ":event_summary:Error: No available node types can fulfill resource request {'CPU': 8.0}."
+    monkeypatch.setattr(ray_constants, "AUTOSCALER_EVENTS", 1)  # restored after the test
+    monkeypatch.delenv("RAY_SCHEDULER_EVENTS", raising=False)
+    quiet_ray_env()
+    assert list(filter_autoscaler_events([line])) == []
+    monkeypatch.setenv("RAY_SCHEDULER_EVENTS", "1")
+    quiet_ray_env()
+    assert ray_constants.AUTOSCALER_EVENTS
+
+
 @pytest.fixture()
 def cluster(tmp_path):
     """A head with no resources for work and two workers: 2 CPUs and 1 CPU (no node has 3)."""
