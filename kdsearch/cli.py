@@ -100,7 +100,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .models import is_model
-    from .raycluster import ensure_ray
+    from .pipeline import check_stages
     from .stages.baselines import student_units
     from .stages.tasks import gather
     from .stages.teachers import train_teachers
@@ -112,9 +112,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.distill and args.model != "student":
         raise UsageError("--distill applies to --model student (the KD student)")
     if args.model in ("teachers", "teacher"):
+        check_stages(spec, ctx, ["teachers"])
         out = train_teachers(spec, ctx)
     elif args.model == "student":
-        ensure_ray(ctx.address)
+        check_stages(spec, ctx, ["baselines"])
         refs, pool = student_units(spec, ctx.run_dir, strategies=(args.distill,) if args.distill else (),
                                    scratch=not args.distill)
         try:
@@ -155,11 +156,13 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
 
 def cmd_students(args: argparse.Namespace) -> int:
+    from .pipeline import check_stages
     from .stages.students import selection_markdown, students_stage
 
     spec, ctx = _load(args)
     if not spec.student.candidates:
         raise UsageError("the spec names no student.candidates; add e.g. candidates: [mobilenetv2, resnet18]")
+    check_stages(spec, ctx, ["students"])
     print(selection_markdown(students_stage(spec, ctx)))
     return 0
 
@@ -364,9 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Per-epoch log lines from teacher tasks look alike; Ray must not fold them ("repeated 2x"). Set before
-    # any module imports ray.
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    from .raycluster import quiet_ray_env  # torch- and ray-free
+
+    quiet_ray_env()  # before any module imports ray
     args = build_parser().parse_args(argv)
     try:
         # Commands that only read files never log; spec commands set logging up in _load once the spec parsed.

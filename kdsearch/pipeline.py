@@ -20,6 +20,7 @@ from typing import Any
 from .context import RunContext
 from .errors import StageFailed
 from .io import atomic_write_json, stable_hash
+from .progress import EtaReporter
 from .spec import Spec
 
 log = logging.getLogger("kdsearch.pipeline")
@@ -128,6 +129,48 @@ def _changed_fields(old: dict[str, Any] | None, new: dict[str, Any], reads: tupl
     return out
 
 
+def _plan(spec: Spec, manifest: dict[str, Any], only: tuple[str, ...] | None) -> list[tuple[Stage, str]]:
+    """The stages to visit, in order, each with its input key."""
+    keys: dict[str, str] = {}
+    plan = []
+    for stage in STAGES:
+        if only is not None and stage.name not in only:
+            continue
+        keys[stage.name] = stage_key(spec, stage, keys)
+        plan.append((stage, keys[stage.name]))
+    return plan
+
+
+def _is_done(manifest: dict[str, Any], stage: Stage, key: str) -> bool:
+    done = manifest["stages"].get(stage.name)
+    return bool(done) and done.get("key") == key
+
+
+def check_stages(spec: Spec, ctx: RunContext, stages: list[str]) -> Any:
+    """Before anything runs: every resource request of the stages to run against what the cluster can ever offer
+    (`kdsearch.capacity`). Returns the cluster's view, or None when no stage submits Ray work."""
+    from .capacity import check_capacity, cluster_view, stage_sections
+    from .raycluster import ensure_ray
+
+    if not any(stage_sections(spec, s) for s in stages):
+        return None
+    ensure_ray(ctx.address)
+    view = cluster_view()
+    check_capacity(spec, stages, view)
+    return view
+
+
+def _waiting(spec: Spec, stage: str, view: Any) -> Any:
+    """A `PendingWatch` over the stage's requests on a cluster that can grow; nothing otherwise."""
+    import contextlib
+
+    if view is None or not view.can_grow:
+        return contextlib.nullcontext()
+    from .capacity import PendingWatch, requests_for
+
+    return PendingWatch(requests_for(spec, [stage], view))
+
+
 def run_pipeline(spec: Spec, ctx: RunContext, only: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Run the stages that are not done yet, in order; return every stage's summary."""
     if ctx.address is not None:
@@ -138,15 +181,12 @@ def run_pipeline(spec: Spec, ctx: RunContext, only: tuple[str, ...] | None = Non
     manifest = read_manifest(ctx.run_dir)
     old_spec = manifest.get("spec")
     spec.save(ctx.run_dir / "spec.yaml")
-    keys: dict[str, str] = {}
+    plan = _plan(spec, manifest, only)
+    view = check_stages(spec, ctx, [s.name for s, k in plan if not _is_done(manifest, s, k)])
     summaries: dict[str, Any] = {}
-    for stage in STAGES:
-        if only is not None and stage.name not in only:
-            continue
-        key = stage_key(spec, stage, keys)
-        keys[stage.name] = key
+    for stage, key in plan:
         done = manifest["stages"].get(stage.name)
-        if done and done.get("key") == key:
+        if _is_done(manifest, stage, key):
             log.info("stage %s: done, skipping", stage.name)
             summaries[stage.name] = done.get("summary", {})
             continue
@@ -156,7 +196,8 @@ def run_pipeline(spec: Spec, ctx: RunContext, only: tuple[str, ...] | None = Non
             log.info("stage %s: inputs changed (%s); redoing", stage.name, ", ".join(fields))
         log.info("stage %s: running", stage.name)
         t0 = time.perf_counter()
-        summary = stage.fn(spec, ctx)
+        with _waiting(spec, stage.name, view), EtaReporter(ctx.run_dir, stage.name):
+            summary = stage.fn(spec, ctx)
         manifest["stages"][stage.name] = {"key": key, "summary": summary, "seconds": round(time.perf_counter() - t0, 2),
                                           "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
         manifest["spec"] = spec.to_dict()

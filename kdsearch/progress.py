@@ -24,7 +24,9 @@ from typing import Any
 
 import pandas as pd
 
+from .eta import fmt_duration  # noqa: F401  (views and tests format durations from here too)
 from .pareto import ACC, SIZE
+from .ticker import Ticker
 
 log = logging.getLogger("kdsearch.progress")
 
@@ -50,17 +52,6 @@ class SearchProgress:
     @property
     def launched(self) -> int:
         return sum(self.counts.get(s, 0) for s in ("running", *FINISHED))
-
-
-def fmt_duration(seconds: float) -> str:
-    """45s, 6m, 1h 23m: coarse on purpose (an ETA is an estimate)."""
-    s = max(0.0, float(seconds))
-    if s < 60:
-        return f"{s:.0f}s"
-    if s < 3600:
-        return f"{math.ceil(s / 60):.0f}m"
-    h, m = divmod(int(round(s / 60)), 60)
-    return f"{h}h {m:02d}m"
 
 
 def estimate_eta(df: pd.DataFrame, total: int | None, concurrency: int | None, age_s: float = 0.0) -> float | None:
@@ -117,6 +108,44 @@ def format_search(p: SearchProgress) -> str:
     if p.total is not None and p.launched >= p.total and not c.get("running"):
         eta = "done"
     return f"{head} best {where}: {best}  ETA {eta}"
+
+
+@dataclass(frozen=True)
+class StageEta:
+    """What the running models of a stage estimate (`kdsearch.eta`): the stage ends when the last of them does,
+    or later if some of its models have not started yet."""
+
+    seconds_left: float
+    estimated: int  # models with a live estimate
+    last: str  # the model that ends last, and its device
+    age_s: float  # how old that model's estimate is
+
+
+def stage_eta(run_dir: str | Path, stage: str, since: float | None = None) -> StageEta | None:
+    """The estimate of `stage` from its models' files (written since `since`, a time.time(), when given); None
+    before any model of the stage has estimated itself."""
+    from .rundir import RunDir
+
+    now, live = time.time(), []
+    for p in RunDir(run_dir).eta_files(stage):
+        try:
+            e = json.loads(p.read_text())
+        except (json.JSONDecodeError, OSError):  # being replaced right now
+            continue
+        if not e.get("done") and (since is None or e.get("updated", 0) >= since):
+            live.append(e)
+    if not live:
+        return None
+    last = max(live, key=lambda e: e["ends_at"])
+    return StageEta(max(0.0, last["ends_at"] - now), len(live), f"{last['model']} on {last['device']}",
+                    max(0.0, now - last["updated"]))
+
+
+def eta_text(e: StageEta) -> str:
+    """'ETA 47h 00m (the last of 3 running models to end: wrn_28_10 s0 on cpu)'."""
+    models = "1 running model" if e.estimated == 1 else f"the last of {e.estimated} running models to end"
+    stale = f"; estimated {fmt_duration(e.age_s)} ago" if e.age_s >= 600 else ""
+    return f"ETA {fmt_duration(e.seconds_left)} ({models}: {e.last}{stale})"
 
 
 def finalize_line(run_dir: str | Path) -> str | None:
@@ -229,3 +258,24 @@ class ProgressReporter:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+class EtaReporter(Ticker):
+    """Logs a stage's estimate (`stage_eta`, from estimates written since the stage started) as soon as its first
+    model has one, whenever another model adds one, and every `every_s` seconds after that."""
+
+    def __init__(self, run_dir: str | Path, stage: str, *, interval_s: float = 10.0, every_s: float = 600.0) -> None:
+        self.run_dir, self.stage, self.interval_s, self.every_s = Path(run_dir), stage, interval_s, every_s
+        self.since = time.time()
+        self.lines: list[str] = []
+        self._count, self._at = 0, 0.0
+
+    def poll(self) -> None:
+        e = stage_eta(self.run_dir, self.stage, self.since)
+        now = time.monotonic()
+        if e is None or (e.estimated == self._count and now - self._at < self.every_s):
+            return
+        self._count, self._at = e.estimated, now
+        line = f"stage {self.stage}: {eta_text(e)}"
+        log.info("%s", line)
+        self.lines.append(line)

@@ -18,6 +18,22 @@ TOKEN_BANNER_LOGGER = "ray._private.authentication.authentication_token_setup"
 QUIET_WORKERS = "kdsearch.search.quiet.quiet_library_loggers"
 
 
+# Ray reads these when `ray` is first imported (a user's own value wins): per-epoch lines of teacher tasks look alike
+# and must not be folded ("repeated 2x"); the autoscaler's event lines ("No available node types can fulfill
+# resource request ...", every 35 s while a task waits) are Ray's words for what `kdsearch.capacity` says in ours.
+QUIET_RAY_ENV = {"RAY_DEDUP_LOGS": "0", "RAY_SCHEDULER_EVENTS": "0"}
+
+
+def quiet_ray_env() -> None:
+    """Set `QUIET_RAY_ENV` before any module imports ray; if ray is already imported, its autoscaler-event switch
+    (read at import into `ray_constants.AUTOSCALER_EVENTS`) follows the environment too."""
+    for k, v in QUIET_RAY_ENV.items():
+        os.environ.setdefault(k, v)
+    consts = sys.modules.get("ray._private.ray_constants")
+    if consts is not None:
+        consts.AUTOSCALER_EVENTS = os.environ["RAY_SCHEDULER_EVENTS"] != "0"
+
+
 def plain_worker_prefixes() -> None:
     """No ANSI colour codes around the "(task pid=...)" prefix of worker lines when the output is not a terminal
     (a log file, CI, a pipe). Ray reads RAY_COLOR_PREFIX when it prints each line; a user's setting wins."""
@@ -40,13 +56,13 @@ def worker_env() -> dict[str, str]:
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect once per process. Local Ray needs no service; `address='auto'` joins `ray up`'s cluster.
 
-    Console output: worker lines without colour codes off a terminal, no token-authentication banner, and
-    workers whose Ray Tune/Train loggers say only warnings and errors."""
+    Console output: worker lines without colour codes off a terminal, no token-authentication banner, no autoscaler
+    event lines, and workers whose Ray Tune/Train loggers say only warnings and errors."""
+    quiet_ray_env()
     import ray
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     plain_worker_prefixes()
     logging.getLogger(TOKEN_BANNER_LOGGER).setLevel(logging.ERROR)
     kwargs: dict = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False,
@@ -61,12 +77,6 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address="local", num_cpus=num_cpus, **kwargs)  # never a `ray start` cluster by accident
     res = ray.cluster_resources()
     log.info("ray: %s with %s CPUs, %s GPUs", address, res.get("CPU", 0), res.get("GPU", 0))
-
-
-def cluster_gpus() -> float:
-    import ray
-
-    return float(ray.cluster_resources().get("GPU", 0.0))
 
 
 def where() -> dict[str, Any]:
@@ -113,7 +123,10 @@ def check_device(requested: str, address: str | None) -> None:
             raise DeviceError("the spec asks for device: cuda but this machine has no visible GPU; set device: auto "
                               "or cpu, or join a GPU cluster with --address")
         return
+    from .capacity import cluster_view
+
     ensure_ray(address)
-    if cluster_gpus() == 0:
-        raise DeviceError(f"the spec asks for device: cuda but the Ray cluster at {address} has no GPUs; add GPU "
-                          "workers or set device: auto")
+    view = cluster_view()
+    if view.gpus == 0 and not view.can_grow:
+        raise DeviceError(f"the spec asks for device: cuda but the Ray cluster at {address} has no GPUs and cannot "
+                          "add nodes; add GPU workers or set device: auto")

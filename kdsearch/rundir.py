@@ -17,6 +17,7 @@ Layout:
     sensitivity/sensitivity.parquet, priors.json, sensitivity.png
     search/ (results.parquet, pareto.parquet, summary.json, pareto.png, trials/, tune/)
     final/<id>.s<seed>.{kdq,json}, final.parquet, progress.json
+    <checkpoint stem>.eta.json                       beside a long model's checkpoint: its training estimate
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+
+ETA_SUFFIX = ".eta.json"  # a model's training estimate, beside its checkpoint (`kdsearch.eta`)
 
 
 class RunDirError(ValueError):
@@ -100,6 +104,11 @@ class RunDir:
 
     def final_model(self, model_id: str, seed: int, suffix: str = ".kdq") -> Path:
         return self.final_dir / f"{model_id}.s{int(seed)}{suffix}"
+
+    def eta_files(self, stage: str) -> list[Path]:
+        """The training estimates of `stage`'s models (none for a stage whose models write none)."""
+        d = {"teachers": self.teachers_dir, "baselines": self.students_dir, "finalize": self.final_dir}.get(stage)
+        return sorted(d.rglob(f"*{ETA_SUFFIX}")) if d is not None and d.is_dir() else []
 
     # -- readers -----------------------------------------------------------------------------------------
     def check(self) -> "RunDir":

@@ -35,17 +35,23 @@ def stage_names() -> list[str]:
 
 
 def stage_rows(run_dir: Path) -> list[tuple[str, str, str]]:
-    """(stage, state, detail) per stage: done (with finish time and duration), in progress, or not run yet."""
+    """(stage, state, detail) per stage: done (with finish time and duration), running (with the estimate of its
+    running models), in progress, or not run yet."""
+    from .progress import eta_text, stage_eta
+
     done = read_json(run_dir / "manifest.json").get("stages", {})
     names = stage_names() + [n for n in done if n not in stage_names()]
     started = {"search": run_dir / "search" / "results.parquet", "finalize": run_dir / "final" / "progress.json",
                "report": run_dir / "report.md"}
     rows = []
     for name in names:
+        eta = None if name in done else stage_eta(run_dir, name)
         if name in done:
             d = done[name]
             secs = d.get("seconds")
             rows.append((name, "done", f"{d.get('finished', '?')}" + (f" ({fmt_seconds(secs)})" if secs else "")))
+        elif eta is not None:  # its models' own estimates (kdsearch.eta)
+            rows.append((name, "running", eta_text(eta)))
         elif name in started and started[name].exists():
             rows.append((name, "started", f"{started[name].relative_to(run_dir)} exists, not recorded as done"))
         else:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .eta import StepClock, eta_path
 from .io import atomic_torch_save, stable_hash
 from .quant import is_quantized, strict_fp32, strict_fp32_active
 from .spec import TrainConfig
@@ -245,6 +246,7 @@ def fit(model: nn.Module, train: Any, val: Iterable[Any] | None, run: FitRun) ->
 
     show_bar = sys.stderr.isatty() if run.progress is None else run.progress
     fmt = _memory_format(device, cfg)
+    clock = StepClock(desc, device.type, steps_per_epoch, total_steps, eta_path(ckpt_path))  # an early ETA
     for epoch in range(start, cfg.epochs):
         if start_epoch_hook is not None:
             start_epoch_hook(epoch)
@@ -277,6 +279,7 @@ def fit(model: nn.Module, train: Any, val: Iterable[Any] | None, run: FitRun) ->
             correct += (logits.detach().argmax(1) == y).sum()
             seen += y.numel()
             bar.advance()
+            clock.tick(step)
         bar.close()
         train_loss = (loss_sum / max(1, seen)).item()
         if not math.isfinite(train_loss):
@@ -302,6 +305,7 @@ def fit(model: nn.Module, train: Any, val: Iterable[Any] | None, run: FitRun) ->
             )
         if on_epoch is not None:
             on_epoch(metrics)
+    clock.finish()
     return result
 
 

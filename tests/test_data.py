@@ -620,3 +620,37 @@ def test_gpu_path_gives_the_cpu_views(bundle: DataBundle) -> None:
     assert torch.equal(batch.images.cpu(), cpu.views(3, batch.index.cpu()))
     host = TrainLoader(bundle, synth_cfg(augment="autoaugment", num_workers=0), batch_size=8, seed=0, device="cuda")
     assert next(iter(host.epoch(0))).images.is_cuda
+
+
+
+def test_a_ray_task_sizes_threads_and_loader_workers_to_its_cpus(ray_session, caplog) -> None:
+    """data.num_workers is an upper bound: a 1-CPU task gets 1 intra-op thread and 1 DataLoader worker (no
+    PyTorch "suggested max number of worker" warning), and says so."""
+    from kdsearch.data.loaders import loader_workers
+
+    def in_a_task(spec_threads: int) -> tuple[int, int, list[str]]:  # nested: Ray ships it by value
+        import warnings
+
+        from kdsearch.data import TrainLoader, load_data
+        from kdsearch.data.loaders import loader_workers
+        from kdsearch.runtime import set_cpu_threads
+        from kdsearch.spec import DataConfig
+
+        loader_workers.cache_clear()
+        set_cpu_threads(spec_threads)  # what a stage's task does; the spec's number loses to what Ray gave
+        cfg = DataConfig(dataset="synthetic", num_classes=10, train_size=240, test_size=60, augment="autoaugment",
+                         num_workers=4)
+        loader = TrainLoader(load_data(cfg, seed=0), cfg, batch_size=16, seed=0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            next(iter(loader.epoch(0)))
+        loader.close()
+        return torch.get_num_threads(), loader.num_workers, [str(w.message) for w in caught]
+
+    threads, workers, warned = ray_session.get(ray_session.remote(num_cpus=1)(in_a_task).remote(8))
+    assert (threads, workers) == (1, 1)
+    assert not [w for w in warned if "worker processes in total" in w]
+    loader_workers.cache_clear()
+    with caplog.at_level("INFO", logger="kdsearch.data"):
+        assert loader_workers(8, 2) == 2 and loader_workers(1, 2) == 1
+    assert caplog.messages == ["2 DataLoader workers instead of data.num_workers=8: this process has 2 CPUs"]

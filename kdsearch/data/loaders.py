@@ -11,6 +11,8 @@ no host-to-device copy or worker process sits on the hot path.
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -25,6 +27,18 @@ if TYPE_CHECKING:
     from ..spec import DataConfig
 
 _ORDER_STREAM = 0x0D0E  # separates the epoch-order generator from the view generators
+log = logging.getLogger("kdsearch.data")
+
+
+@functools.lru_cache(maxsize=None)  # once per process and value: every trial of a search builds a loader
+def loader_workers(requested: int, cpus: int) -> int:
+    """DataLoader worker processes for a process with `cpus` CPUs: `data.num_workers` is an upper bound, never more
+    workers than CPUs (a 1-CPU Ray task with 8 workers oversubscribes its node, and PyTorch warns about it)."""
+    used = min(int(requested), max(1, int(cpus)))
+    if used < requested:
+        log.info("%d DataLoader worker%s instead of data.num_workers=%d: this process has %d CPU%s", used,
+                 "" if used == 1 else "s", requested, cpus, "" if cpus == 1 else "s")
+    return used
 
 
 class Batch(NamedTuple):
@@ -79,7 +93,7 @@ class TrainLoader:
         self.spec = AugmentSpec.from_config(cfg)
         self.batch_size, self.seed, self.drop_last, self.n = batch_size, int(seed), drop_last, n
         self.device = torch.device(device)
-        self.num_workers = int(cfg.num_workers)
+        self.num_workers = int(cfg.num_workers)  # an upper bound: `_policy_epoch` sizes it to the CPUs
         self.on_gpu = self.device.type == "cuda" and cfg.on_gpu and self.spec.batched
         data_dev = self.device if self.on_gpu else torch.device("cpu")
         self._images = bundle.train.images.to(data_dev)
@@ -146,6 +160,8 @@ class TrainLoader:
     # -- per-sample policy path -------------------------------------------------------------------------
     def _policy_epoch(self, e: int) -> Iterator[Batch]:
         if self._loader is None:
+            # torch's intra-op threads are this process's CPUs (a Ray task's, set by `runtime.set_cpu_threads`)
+            self.num_workers = loader_workers(self.num_workers, torch.get_num_threads())
             self._sampler = _EpochSampler(self.n, self.seed)
             self._loader = DataLoader(
                 _ViewDataset(self._views, self._labels),  # type: ignore[arg-type]

@@ -75,7 +75,8 @@ def search_stage(spec: Spec, ctx: RunContext, *, out_dir: Path | None = None, us
     from ..checkpoints import CheckpointError, load_model, read_model_file
     from ..data import load_data
     from ..distill import logit_cache_dir, make_pool
-    from ..raycluster import cluster_gpus, ensure_ray
+    from ..capacity import cluster_view, gpus_for
+    from ..raycluster import ensure_ray
     from ..rundir import RunDir
     from ..search.runner import run_search
     from ..search.space import build_space, prior_candidates, uniform_configs
@@ -97,7 +98,7 @@ def search_stage(spec: Spec, ctx: RunContext, *, out_dir: Path | None = None, us
     key = search_key(spec, student, priors) + (f"-s{seed}" if seed != spec.seed else "")
     _claim_dir(out, key)
     ensure_ray(ctx.address)
-    use_gpu = spec.device != "cpu" and cluster_gpus() > 0 and spec.search.gpus_per_trial > 0
+    use_gpu = gpus_for(spec.device, spec.search.gpus_per_trial, cluster_view()) > 0
     teachers: Any = None
     reserved = 0.0
     try:

@@ -23,17 +23,16 @@ TASK_RETRIES = 3
 
 @dataclass(frozen=True)
 class Resources:
-    """What one task asks Ray for; GPUs only when the spec wants a GPU and the cluster has some."""
+    """What one task asks Ray for; GPUs by `kdsearch.capacity.gpus_for` (dropped only where none can ever be had)."""
 
     cpus: float = 1.0
     gpus: float = 0.0
 
     @classmethod
     def for_spec(cls, device: str, cpus: float, gpus: float) -> "Resources":
-        from ..raycluster import cluster_gpus
+        from ..capacity import cluster_view, gpus_for
 
-        use_gpu = device != "cpu" and gpus > 0 and cluster_gpus() > 0
-        return cls(cpus=cpus, gpus=gpus if use_gpu else 0.0)
+        return cls(cpus=cpus, gpus=gpus_for(device, gpus, cluster_view()))
 
 
 @dataclass
