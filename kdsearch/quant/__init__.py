@@ -5,6 +5,7 @@
     quantize(model, cfg, act_bits=8, calib=x)                     # in place; then train as usual (QAT)
     model_size(model).total_mb                                    # bytes the exported file holds
     export_quantized(model, "m.kdq", arch="resnet18"); load_quantized("m.kdq")
+    export_onnx(model, "m.onnx", calib=val_images)                # integer ONNX that ORT fuses (checked)
 """
 
 from .api import act_bits_of, bit_config_of, calibrate, is_quantized, quantize, quantizer_parameters
@@ -29,6 +30,7 @@ from .layers import FoldingBatchNorm1d, FoldingBatchNorm2d, QuantConv2d, QuantLi
 from .lsq_ops import lsq_fake_quant, lsq_function, lsq_grad_scale
 from .quantizers import HalfQuantizer, LsqActQuantizer, LsqWeightQuantizer, init_act_step, init_weight_step
 from .onnx_export import export_onnx
+from .onnx_fusion import FusionError, FusionReport, check_fusion
 from .precision import strict_fp32, strict_fp32_active
 from .size import SizeReport, StoredTensor, model_size, storage_plan
 
@@ -36,6 +38,8 @@ __all__ = [
     "SUPPORTED_BITS",
     "BitConfig",
     "FoldingBatchNorm1d",
+    "FusionError",
+    "FusionReport",
     "FoldingBatchNorm2d",
     "HalfQuantizer",
     "LayerInfo",
@@ -49,6 +53,7 @@ __all__ = [
     "bit_config_of",
     "bypass_quantization",
     "calibrate",
+    "check_fusion",
     "export_onnx",
     "export_quantized",
     "init_act_step",
