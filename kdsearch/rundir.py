@@ -17,6 +17,7 @@ Layout:
     sensitivity/sensitivity.parquet, priors.json, sensitivity.png
     search/ (results.parquet, pareto.parquet, summary.json, pareto.png, trials/, tune/)
     final/<id>.s<seed>.{kdq,json}, final.parquet, progress.json
+    bench.json, bench/<id>.s<seed>.onnx, bench/fp32.s<seed>.onnx   `kdsearch bench`: ORT latency and agreement
 """
 
 from __future__ import annotations
@@ -100,6 +101,13 @@ class RunDir:
 
     def final_model(self, model_id: str, seed: int, suffix: str = ".kdq") -> Path:
         return self.final_dir / f"{model_id}.s{int(seed)}{suffix}"
+
+    @property
+    def bench_file(self) -> Path:
+        return self.root / "bench.json"
+
+    def bench_onnx(self, model_id: str, seed: int) -> Path:
+        return self.root / "bench" / f"{model_id}.s{int(seed)}.onnx"
 
     # -- readers -----------------------------------------------------------------------------------------
     def check(self) -> "RunDir":
