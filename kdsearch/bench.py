@@ -129,8 +129,10 @@ def bench_fp32_task(spec_dict: dict[str, Any], run_dir: str, seed: int, runs: in
     path = rd.bench_onnx("fp32", seed)
     export_float_onnx(model, path, bundle.image_shape)
     sess = _session(path)
-    correct = sum(int((sess.run(None, {"input": x.numpy()})[0].argmax(1) == y).sum()) for x, y in _chunks(bundle, bundle.test))
-    return {"seed": seed, "onnx": str(path.relative_to(rd.root)), "test_acc_ort": 100.0 * correct / max(1, len(bundle.test)),
+    correct = sum(int((sess.run(None, {"input": x.numpy()})[0].argmax(1) == y).sum())
+                  for x, y in _chunks(bundle, bundle.test))
+    return {"seed": seed, "onnx": str(path.relative_to(rd.root)),
+            "test_acc_ort": 100.0 * correct / max(1, len(bundle.test)),
             **latency(path, bundle.image_shape, runs), "node": where()}
 
 

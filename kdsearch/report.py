@@ -306,7 +306,8 @@ def _add_latency(run_dir: Path, table: pd.DataFrame) -> list[str]:
     m = b["machine"]
     return [f"ORT ms: median latency in ONNX Runtime {b['onnxruntime']} (CPU provider, batch 1, "
             f"{b['intra_op_num_threads']} thread, {b['runs']} runs; {m['model']}, {'VNNI' if m['vnni'] else 'no VNNI'}); "
-            f"the FP32 row is the KD student's own float ONNX. **Speed-up (fastest finalized model):** `{best['id']}` (seed {best['seed']}) "
+            f"the FP32 row is the KD student's own float ONNX. **Speed-up (fastest finalized model):** "
+            f"`{best['id']}` (seed {best['seed']}) "
             f"{best['median_ms']:.3f} ms vs FP32 {sum(fp32) / len(fp32):.3f} ms = {best['speedup_vs_fp32']:.2f}x; "
             f"top-1 agreement of its integer ONNX with the `.kdq` on test: {best['agreement']:.2f}% (`bench.json`).", ""]
 

@@ -55,7 +55,8 @@ class FusionReport:
         ints = ", ".join(f"{n} {k}" for k, n in sorted(self.integer.items())) or "none"
         line = f"ORT {self.ort_version} CPU: integer ops: {ints}; float convs/matmuls: {len(self.unfused)} unfused"
         if self.by_design:
-            line += f", {len(self.by_design)} float by design ({', '.join(sorted({f.layer or f.name for f in self.by_design}))})"
+            names = ", ".join(sorted({f.layer or f.name for f in self.by_design}))
+            line += f", {len(self.by_design)} float by design ({names})"
         for f in self.unfused:
             line += f"\n  {f.op_type} {f.name} ({f.layer or 'no kdsearch layer'}): {f.reason}"
         return line

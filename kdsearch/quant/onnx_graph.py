@@ -139,7 +139,8 @@ class QdqGraph:
         mul = users[0]
         a = self._channel_const(mul, out, channels)
         adds = self.consumers(mul.output[0])
-        b = self._channel_const(adds[0], mul.output[0], channels) if len(adds) == 1 and adds[0].op_type == "Add" else None
+        is_add = len(adds) == 1 and adds[0].op_type == "Add"
+        b = self._channel_const(adds[0], mul.output[0], channels) if is_add else None
         if a is None or b is None:
             return None
         node.output[0] = adds[0].output[0]
@@ -188,18 +189,22 @@ class QdqGraph:
             scale = scale.astype(np.float32)
             w_name, axis = node.input[1], 0
             if node.op_type == "Gemm" and not any(a.name == "transB" and a.i for a in node.attribute):
-                raise ValueError(f"export_onnx: Gemm {node.name!r} is not transB=1 (torch's Linear); cannot quantize per channel")
+                raise ValueError(f"export_onnx: Gemm {node.name!r} is not transB=1 (torch's Linear); "
+                                 "cannot quantize it per channel")
             q = self._add_init(f"{w_name}_quantized", np.clip(codes, -128, 127).astype(np.int8).reshape(codes.shape))
             s = self._add_init(f"{w_name}_scale", scale)
             zp = self._add_init(f"{w_name}_zero_point", np.zeros(channels, np.int8))
-            dq = helper.make_node("DequantizeLinear", [q, s, zp], [f"{w_name}_dq"], name=f"{w_name}_DequantizeLinear", axis=axis)
+            dq = helper.make_node("DequantizeLinear", [q, s, zp], [f"{w_name}_dq"], name=f"{w_name}_DequantizeLinear",
+                                  axis=axis)
             self.by_weight[dq.output[0]] = lq
             in_scale = np.float32(lq.act.step) * scale
             b_name = f"{w_name[: -len('.weight')]}.bias"
-            bq = self._add_init(f"{b_name}_quantized", np.clip(np.round(bias / in_scale), -(2**31), 2**31 - 1).astype(np.int32))
+            bias_q = np.clip(np.round(bias / in_scale), -(2**31), 2**31 - 1).astype(np.int32)
+            bq = self._add_init(f"{b_name}_quantized", bias_q)
             bs = self._add_init(f"{b_name}_scale", in_scale.astype(np.float32))
             bz = self._add_init(f"{b_name}_zero_point", np.zeros(channels, np.int32))
-            bdq = helper.make_node("DequantizeLinear", [bq, bs, bz], [f"{b_name}_dq"], name=f"{b_name}_DequantizeLinear", axis=0)
+            bdq = helper.make_node("DequantizeLinear", [bq, bs, bz], [f"{b_name}_dq"], name=f"{b_name}_DequantizeLinear",
+                                   axis=0)
             old = list(node.input)
             i = list(self.g.node).index(node)
             self.g.node.insert(i, bdq)
@@ -222,7 +227,8 @@ class QdqGraph:
             nodes.append(helper.make_node("Clip", [x, lo, hi], [f"{base}_clipped"], name=f"{base}_Clip"))
             x = f"{base}_clipped"
         nodes.append(helper.make_node("QuantizeLinear", [x, s, zp], [f"{base}_q"], name=f"{base}_QuantizeLinear"))
-        nodes.append(helper.make_node("DequantizeLinear", [f"{base}_q", s, zp], [f"{base}_dq"], name=f"{base}_DequantizeLinear"))
+        nodes.append(helper.make_node("DequantizeLinear", [f"{base}_q", s, zp], [f"{base}_dq"],
+                                      name=f"{base}_DequantizeLinear"))
         return nodes, f"{base}_dq"
 
     def add_points(self, points: dict[str, Point]) -> None:
@@ -297,8 +303,10 @@ class QdqGraph:
             lq = self.layer_of(node)
             if lq is not None and lq.half_input:
                 base = self._name(f"{lq.name}.input_fp16")
-                to16 = helper.make_node("Cast", [node.input[0]], [f"{base}_16"], name=f"{base}_Cast16", to=TensorProto.FLOAT16)
-                to32 = helper.make_node("Cast", [f"{base}_16"], [f"{base}_32"], name=f"{base}_Cast32", to=TensorProto.FLOAT)
+                to16 = helper.make_node("Cast", [node.input[0]], [f"{base}_16"], name=f"{base}_Cast16",
+                                        to=TensorProto.FLOAT16)
+                to32 = helper.make_node("Cast", [f"{base}_16"], [f"{base}_32"], name=f"{base}_Cast32",
+                                        to=TensorProto.FLOAT)
                 i = list(self.g.node).index(node)
                 self.g.node.insert(i, to32)
                 self.g.node.insert(i, to16)
