@@ -3,7 +3,9 @@
 Latency: batch 1, one intra-op and one inter-op thread, sequential execution, ``runs`` timed runs after
 ``warmup`` untimed ones, median and p90 in milliseconds. The FP32 baseline is the KD student of the same seed
 exported as plain float ONNX (ORT folds its BatchNorms and picks its own float kernels), so the speed-up is
-int8 against the float model a user would otherwise ship. Agreement: the top-1 class of the integer ONNX model
+int8 against the float model a user would otherwise ship; each integer model is timed round-robin with that
+FP32 model in the same task (blocks of 50 runs), and its speed-up is the ratio of those two medians. Each model's
+runs are spread over three ORT sessions (pooled; each session's median is recorded too). Agreement: the top-1 class of the integer ONNX model
 against the reloaded ``.kdq`` model (PyTorch), on the test split, after both were chosen; the ONNX export's
 requantization scales are calibrated on validation images (`calibration_images`), never test.
 """
@@ -23,6 +25,7 @@ from torch import nn
 
 CALIBRATION_IMAGES = 512
 WARMUP_RUNS = 50
+BENCH_SESSIONS = 3  # ORT sessions per model, runs spread over them (see `latency`)
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_tile")
 
 
@@ -54,21 +57,38 @@ def _session(path: str | os.PathLike[str], threads: int = 1):  # type: ignore[no
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def latency(path: str | os.PathLike[str], input_shape: tuple[int, ...], runs: int, warmup: int = WARMUP_RUNS,
-            threads: int = 1) -> dict[str, Any]:
-    """Median and p90 milliseconds of one batch-1 inference of ``path`` over ``runs`` timed runs."""
-    sess = _session(path, threads)
+def latency(paths: str | os.PathLike[str] | dict[str, Any], input_shape: tuple[int, ...], runs: int,
+            warmup: int = WARMUP_RUNS, threads: int = 1, block: int = 50, sessions: int = 1) -> dict[str, Any]:
+    """Median and p90 milliseconds of one batch-1 inference over ``runs`` timed runs (after ``warmup``).
+
+    Given several models (``{name: path}``), they are timed round-robin in blocks of ``block`` runs, so that
+    load drifting on a shared machine hits all of them alike (their ratio is then the number to read); the
+    result maps each name to its statistics. Given one path, its statistics. ``sessions`` > 1 spreads each
+    model's runs over that many ORT sessions (pooled statistics, and each session's median): one session in
+    a Ray worker was seen running 1.6x slower than another of the same model for its whole life.
+    """
+    named = dict(paths) if isinstance(paths, dict) else {"": paths}
+    pool = [(k, i, _session(p, threads)) for k, p in named.items() for i in range(sessions)]
     x = {"input": np.random.default_rng(0).standard_normal((1, *input_shape)).astype(np.float32)}
-    for _ in range(warmup):
-        sess.run(None, x)
-    times = np.empty(runs)
-    for i in range(runs):
-        t0 = time.perf_counter_ns()
-        sess.run(None, x)
-        times[i] = time.perf_counter_ns() - t0
-    ms = times / 1e6
-    return {"median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)), "runs": runs,
-            "warmup": warmup, "threads": threads}
+    target = {(k, i): runs // sessions + (i < runs % sessions) for k, i, _ in pool}
+    times: dict[tuple[str, int], list[float]] = {key: [] for key in target}
+    for *_, sess in pool:
+        for _ in range(warmup):
+            sess.run(None, x)
+    while any(len(times[key]) < n for key, n in target.items()):
+        for k, i, sess in pool:
+            for _ in range(min(block, target[(k, i)] - len(times[(k, i)]))):
+                t0 = time.perf_counter_ns()
+                sess.run(None, x)
+                times[(k, i)].append((time.perf_counter_ns() - t0) / 1e6)
+    out = {}
+    for k in named:
+        t = np.concatenate([times[(k, i)] for i in range(sessions)])
+        out[k] = {"median_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90)), "runs": int(t.size),
+                  "warmup": warmup, "threads": threads}
+        if sessions > 1:
+            out[k]["session_medians_ms"] = [float(np.median(times[(k, i)])) for i in range(sessions) if times[(k, i)]]
+    return out[""] if "" in out else out
 
 
 def _normalized(bundle: Any, split: Any, idx: torch.Tensor | None = None) -> torch.Tensor:
@@ -133,7 +153,7 @@ def bench_fp32_task(spec_dict: dict[str, Any], run_dir: str, seed: int, runs: in
                   for x, y in _chunks(bundle, bundle.test))
     return {"seed": seed, "onnx": str(path.relative_to(rd.root)),
             "test_acc_ort": 100.0 * correct / max(1, len(bundle.test)),
-            **latency(path, bundle.image_shape, runs), "node": where()}
+            **latency(path, bundle.image_shape, runs, sessions=BENCH_SESSIONS), "node": where()}
 
 
 def bench_final_task(spec_dict: dict[str, Any], run_dir: str, model_id: str, seed: int, runs: int,
@@ -159,6 +179,9 @@ def bench_final_task(spec_dict: dict[str, Any], run_dir: str, model_id: str, see
         ort_correct += int((ort_top1 == y).sum())
         torch_correct += int((torch_top1 == y).sum())
     n = max(1, len(bundle.test))
+    timed = latency({"int8": path, "fp32": rd.bench_onnx("fp32", seed)}, bundle.image_shape, runs,
+                    sessions=BENCH_SESSIONS)
     return {"id": model_id, "seed": seed, "onnx": str(path.relative_to(rd.root)), "fusion": fusion.to_dict(),
             "agreement": 100.0 * same / n, "test_images": len(bundle.test), "test_acc_ort": 100.0 * ort_correct / n,
-            "test_acc_kdq": 100.0 * torch_correct / n, **latency(path, bundle.image_shape, runs), "node": where()}
+            "test_acc_kdq": 100.0 * torch_correct / n, **timed["int8"], "fp32_alongside": timed["fp32"],
+            "speedup_vs_fp32": timed["fp32"]["median_ms"] / timed["int8"]["median_ms"], "node": where()}
