@@ -157,3 +157,7 @@ def test_sixteen_bit_layers_stay_float_by_design_and_reload_from_kdq(tmp_path):
     with pytest.raises(ValueError, match="disagree"):
         export_onnx(loaded, tmp_path / "bad.onnx", torch.zeros(1, 3, 32, 32), calib=_batch())
     assert not (tmp_path / "bad.onnx").exists()
+    all16 = _resnetlet({"conv1": 16, "conv2": 16, "conv3": 16, "fc": 16})  # no integer layer: nothing quantized
+    report = export_onnx(all16, tmp_path / "f.onnx", input_shape=(3, 8, 8))
+    assert report.ok and not report.integer and len(report.by_design) == 4
+    assert not any(n.op_type == "QuantizeLinear" for n in onnx.load(str(tmp_path / "f.onnx")).graph.node)

@@ -10,9 +10,10 @@ per quantized tensor (uint8, zero point), the form ORT's QDQ selectors turn into
 Which tensors are quantized, and at which scale (`Point`):
 * the input of an integer layer: that layer's own activation grid (the QAT model's, exact). A tensor read by
   several integer layers with different grids takes the first one's; the others requantize from it.
-* the inputs and output of a residual ``Add`` (the output after its ReLU), a pooling's input, and an integer
-  layer's output that does not already reach a quantized tensor through at most one ReLU: a scale calibrated on
-  data (min/max, uint8). These are requantizations the QAT model does not have (``Point.calibrated``).
+* the inputs and output of a residual ``Add`` next to an integer layer (the output after its ReLU), the input of
+  a pooling whose output is quantized, and an integer layer's output that does not already reach a quantized
+  tensor through at most one ReLU: a scale calibrated on data (min/max, uint8). These are requantizations the QAT
+  model does not have (``Point.calibrated``). A part of the graph between float (16/32-bit) layers stays float.
 """
 
 from __future__ import annotations
@@ -274,14 +275,17 @@ class QdqGraph:
             users = self.consumers(tensor)
             return users[0].output[0] if len(users) == 1 and users[0].op_type == "Relu" else tensor
 
-        for node in self.g.node:
-            if node.op_type == "Add" and not any(i in self.inits for i in node.input):
+        integer_out = {n.output[0] for n, _ in self.integer_layers()}
+        for node in self.g.node:  # adds and pools next to integer layers (not in a float-by-design part)
+            near_integer = any(i in integer_out or i in given for i in node.input)
+            if (node.op_type == "Add" and not any(i in self.inits for i in node.input)
+                    and (near_integer or after_relu(node.output[0]) in given)):
                 for i in node.input:
                     want(i, "residual add input")
                     if i in given:
                         self.notes.append(f"residual add {node.name}: reads {i!r} at the next layer's input grid")
                 want(after_relu(node.output[0]), "residual add output")
-            elif node.op_type in POOLS:
+            elif node.op_type in POOLS and node.output[0] in given:
                 want(node.input[0], "pooling input")
         outputs = {o.name for o in self.g.output}
         for node, _ in self.integer_layers():
