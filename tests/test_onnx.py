@@ -85,6 +85,7 @@ def test_export_fuses_every_layer_into_integer_ops(tmp_path):
     model = _resnetlet()
     report = export_onnx(model, tmp_path / "m.onnx", input_shape=(3, 8, 8), calib=_batch(64, seed=2))
     assert report.ok and report.integer == {"QLinearConv": 3, "QGemm": 1} and not report.by_design
+    assert report.other_integer == {"QLinearAdd": 1, "QLinearGlobalAveragePool": 1}
     exported = onnx.load(str(tmp_path / "m.onnx"))
     onnx.checker.check_model(exported, full_check=True)
     assert exported.opset_import[0].version >= 13

@@ -43,6 +43,7 @@ class FusionReport:
     """Integer and float compute ops in ORT's optimized graph; ``ok`` when every float one is by design."""
 
     integer: dict[str, int] = field(default_factory=dict)
+    other_integer: dict[str, int] = field(default_factory=dict)  # QLinearAdd, QLinearGlobalAveragePool, ...
     unfused: list[FloatNode] = field(default_factory=list)
     by_design: list[FloatNode] = field(default_factory=list)
     ort_version: str = ""
@@ -53,7 +54,8 @@ class FusionReport:
 
     def summary(self) -> str:
         ints = ", ".join(f"{n} {k}" for k, n in sorted(self.integer.items())) or "none"
-        line = f"ORT {self.ort_version} CPU: integer ops: {ints}; float convs/matmuls: {len(self.unfused)} unfused"
+        others = "".join(f", {n} {k}" for k, n in sorted(self.other_integer.items()))
+        line = f"ORT {self.ort_version} CPU: integer ops: {ints}{others}; float convs/matmuls: {len(self.unfused)} unfused"
         if self.by_design:
             names = ", ".join(sorted({f.layer or f.name for f in self.by_design}))
             line += f", {len(self.by_design)} float by design ({names})"
@@ -63,7 +65,8 @@ class FusionReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "ort_version": self.ort_version, "integer_ops": self.integer,
-                "integer_total": sum(self.integer.values()), "float_unfused": [vars(f) for f in self.unfused],
+                "integer_total": sum(self.integer.values()), "other_integer_ops": self.other_integer,
+                "float_unfused": [vars(f) for f in self.unfused],
                 "float_by_design": [vars(f) for f in self.by_design]}
 
 
@@ -150,16 +153,19 @@ def check_fusion(path: str | os.PathLike[str]) -> FusionReport:
     keys = _layer_keys(exported.graph)
     report = FusionReport(ort_version=ort.__version__)
     counts: Counter[str] = Counter()
+    others: Counter[str] = Counter()
     for node in optimized_model(path).graph.node:
         if node.op_type in INTEGER_OPS:
             counts[node.op_type] += 1
+        elif node.op_type.startswith("QLinear"):
+            others[node.op_type] += 1
         elif node.op_type in FLOAT_OPS:
             layer = _layer(node, keys)
             if layer in float_layers:
                 report.by_design.append(FloatNode(node.name, node.op_type, layer, float_layers[layer]))
             else:
                 report.unfused.append(FloatNode(node.name, node.op_type, layer, _why(exported, layer)))
-    report.integer = dict(counts)
+    report.integer, report.other_integer = dict(counts), dict(others)
     return report
 
 
