@@ -187,6 +187,9 @@ class QdqGraph:
                 codes = codes * np.where(a < 0, -1, 1).reshape((-1,) + (1,) * (codes.ndim - 1))
                 self.clamped_weights += int((codes > 127).sum())
                 scale, bias = scale * np.abs(a), a * bias + b
+                dead = scale == 0  # BatchNorm weight 0: the channel is its bias; codes 0 at a scale that keeps
+                codes[dead] = 0  # the int32 bias (at input step x this scale) in range
+                scale[dead] = scale[~dead].max() if (~dead).any() else 1.0
             scale = scale.astype(np.float32)
             w_name, axis = node.input[1], 0
             if node.op_type == "Gemm" and not any(a.name == "transB" and a.i for a in node.attribute):
