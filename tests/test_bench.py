@@ -69,3 +69,13 @@ def test_cpu_info_reads_the_flags_that_decide_integer_speed() -> None:
 
     info = cpu_info()
     assert set(info["flags"]) <= set(CPU_FLAGS) and info["vnni"] == bool({"avx512_vnni", "avx_vnni"} & set(info["flags"]))
+
+
+def test_cli_onnx_export_is_integer_and_says_so(benched, tmp_path, capsys) -> None:
+    """`kdsearch export --onnx` calibrates on the run's validation images and prints ORT's fusion counts."""
+    from kdsearch.cli import main
+
+    capsys.readouterr()
+    assert main(["export", str(benched), "--model", "qat_kd_8", "--onnx", str(tmp_path / "m.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "QLinearConv" in out and "0 unfused" in out and (tmp_path / "m.onnx").is_file()
