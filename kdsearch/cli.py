@@ -260,12 +260,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     r = rows.sort_values(["val_acc", "seed"], ascending=[False, True]).iloc[0]  # validation picks the seed too
     src = rd.final_model(r["id"], int(r["seed"]))
     if args.onnx:
+        from .bench import calibration_images
+        from .data import load_data
         from .quant import export_onnx, load_quantized
+        from .spec import parse_spec
 
-        try:
-            export_onnx(load_quantized(src), args.onnx)  # the input shape the file recorded at export
+        bundle = load_data(parse_spec(rd.spec_dict()).data)
+        try:  # the input shape the file recorded; requantization scales calibrated on validation images
+            report = export_onnx(load_quantized(src), args.onnx, calib=calibration_images(bundle))
         except ImportError as err:
             raise UsageError(f"{err}") from None
+        print(report.summary())
         dest = Path(args.onnx)
     else:
         dest = Path(args.out or f"{r['id']}.kdq")
@@ -274,6 +279,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"{dest}: {r['id']} seed {int(r['seed'])} ({r['label']}), validation {r['val_acc']:.2f}%, test "
           f"{r['test_acc']:.2f}% (reloaded file), size model {r['size_mb']:.4f} MB, {dest.stat().st_size:,} bytes "
           "on disk")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """ORT latency (int8 vs the FP32 student) and agreement of every finalized model; writes RUN_DIR/bench.json."""
+    from .stages.bench import bench_table, run_bench
+    from .status import check_run_dir
+
+    import importlib.util
+
+    if args.runs < 1:
+        raise UsageError(f"--runs must be at least 1 (got {args.runs})")
+    if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
+        raise UsageError("kdsearch bench needs ONNX Runtime: pip install 'kdsearch[onnx]'")
+    result = run_bench(str(check_run_dir(args.run_dir)), runs=args.runs, address=args.address)
+    print(bench_table(result), end="")
+    print(f"wrote {Path(args.run_dir) / 'bench.json'}")
     return 0
 
 
@@ -352,8 +374,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="a finalized model id (default: the best on validation within the first budget)")
     p.add_argument("--seed", type=int, help="which seed's file (default: the one best on validation)")
     p.add_argument("--out", help="destination .kdq path (default ./<id>.kdq)")
-    p.add_argument("--onnx", metavar="PATH", help="write ONNX with QuantizeLinear/DequantizeLinear nodes instead")
+    p.add_argument("--onnx", metavar="PATH", help="write integer ONNX (QDQ, fused by ONNX Runtime's CPU provider; "
+                   "checked) instead")
     p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("bench", help="ONNX Runtime latency (int8 vs FP32) and agreement of the finalized models")
+    p.add_argument("run_dir")
+    p.add_argument("--runs", type=int, default=1000, help="timed batch-1 runs per model after warm-up (default 1000)")
+    p.add_argument("--address", help="Ray cluster address; 'auto' joins a cluster started by `ray up`")
+    p.set_defaults(fn=cmd_bench)
     p = sub.add_parser("validate", help="check a spec and its data, without computing anything")
     _spec_args(p)
     p.set_defaults(fn=cmd_validate)
@@ -379,8 +407,11 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as err:
         print(f"kdsearch: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    except _loaded(("kdsearch.pipeline", "StageFailed")) as err:
+    except _loaded(("kdsearch.pipeline", "StageFailed"), ("kdsearch.errors", "StageFailed")) as err:
         print(f"kdsearch: stage failed: {err}", file=sys.stderr)
+        return 1
+    except _loaded(("kdsearch.quant.onnx_fusion", "FusionError")) as err:
+        print(f"kdsearch: export refused: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("kdsearch: interrupted; rerun the same command to resume", file=sys.stderr)

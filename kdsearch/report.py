@@ -356,6 +356,30 @@ def _finalized_section(final: pd.DataFrame | None) -> list[str]:
                             "avg_bits": ".2f", "compression": ".1f", "search_acc": ".2f"}), "", note]
 
 
+def _add_latency(run_dir: Path, table: pd.DataFrame) -> list[str]:
+    """With `kdsearch bench`'s bench.json: an ORT latency column (median ms, batch 1, one thread; mean over the
+    seeds benched) on ``table``, in place, and the speed-up line; without it, nothing."""
+    bench = RunDir(run_dir).bench_file
+    if not bench.is_file():
+        return []
+    b = read_json(bench)
+    fp32 = [r["median_ms"] for r in b["fp32"]]
+    by_id: dict[str, list[float]] = {}
+    for r in b["models"]:
+        by_id.setdefault(r["id"], []).append(r["median_ms"])
+    ms = {f"final/{k}.s*.kdq": sum(v) / len(v) for k, v in by_id.items()} | {"students/s*/kd.pt": sum(fp32) / len(fp32)}
+    table["ORT ms"] = [f"{ms[m]:.3f}" if m in ms else "-" for m in table["Model"]]
+    best = min(b["models"], key=lambda r: r["median_ms"])
+    m = b["machine"]
+    return [f"ORT ms: median latency in ONNX Runtime {b['onnxruntime']} (CPU provider, batch 1, "
+            f"{b['intra_op_num_threads']} thread, {b['runs']} runs; {m['model']}, {'VNNI' if m['vnni'] else 'no VNNI'}); "
+            f"the FP32 row is the KD student's own float ONNX. **Speed-up (fastest finalized model):** "
+            f"`{best['id']}` (seed {best['seed']}) "
+            f"{best['median_ms']:.3f} ms vs FP32 {best['fp32_alongside']['median_ms']:.3f} ms (timed alongside) = "
+            f"{best['speedup_vs_fp32']:.2f}x; "
+            f"top-1 agreement of its integer ONNX with the `.kdq` on test: {best['agreement']:.2f}% (`bench.json`).", ""]
+
+
 def render_report(run_dir: str | Path) -> str:
     """The report's markdown text (see the module doc)."""
     from . import __version__
@@ -367,6 +391,7 @@ def render_report(run_dir: str | Path) -> str:
     data, quant = spec.get("data") or {}, spec.get("quant") or {}
     final = _final(p)
     table = seed_table(p, spec, student)
+    latency = _add_latency(p, table)
     budgets = [float(b) for b in (spec.get("search") or {}).get("budgets_mb") or []]
     kd = (students(p, "kd") or [{}])[0]
     seeds = RunDir(p).seeds()
@@ -388,7 +413,7 @@ def render_report(run_dir: str | Path) -> str:
         "## Results", "", "**Selected on validation, reported on test.** Every choice (the search, the front, "
         "finalize's picks, the rows below, the model `kdsearch export` ships) was made on the validation split "
         "held out of the training images; the test split was read once per listed model, after it was chosen.",
-        "", markdown_table(table), "",
+        "", markdown_table(table), "", *latency,
         f"Test acc.: top-1 on the test split (%), mean ± sample std over the n seeds {seeds}; for a finalized "
         "model, the accuracy of its exported, reloaded `.kdq` file. Val acc.: the validation accuracy that ranks "
         "it. Size: the size model (MB = 10^6 bytes; packed weights, per-channel scales, folded BatchNorm); File: "

@@ -18,6 +18,7 @@ Layout:
     search/ (results.parquet, pareto.parquet, summary.json, pareto.png, trials/, tune/)
     final/<id>.s<seed>.{kdq,json}, final.parquet, progress.json
     <checkpoint stem>.eta.json                       beside a long model's checkpoint: its training estimate
+    bench.json, bench/<id>.s<seed>.onnx, bench/fp32.s<seed>.onnx   `kdsearch bench`: ORT latency and agreement
 """
 
 from __future__ import annotations
@@ -109,6 +110,13 @@ class RunDir:
         """The training estimates of `stage`'s models (none for a stage whose models write none)."""
         d = {"teachers": self.teachers_dir, "baselines": self.students_dir, "finalize": self.final_dir}.get(stage)
         return sorted(d.rglob(f"*{ETA_SUFFIX}")) if d is not None and d.is_dir() else []
+
+    @property
+    def bench_file(self) -> Path:
+        return self.root / "bench.json"
+
+    def bench_onnx(self, model_id: str, seed: int) -> Path:
+        return self.root / "bench" / f"{model_id}.s{int(seed)}.onnx"
 
     # -- readers -----------------------------------------------------------------------------------------
     def check(self) -> "RunDir":

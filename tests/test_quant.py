@@ -423,53 +423,6 @@ def test_export_refuses_uncalibrated_and_load_refuses_wrong_architecture(tmp_pat
         load_quantized(tmp_path / "a.kdq", lambda: TinyNet(num_classes=7))
 
 
-def test_onnx_export_has_qdq_nodes_and_matches(tmp_path):
-    onnx = pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
-    from collections import Counter
-
-    from kdsearch.quant import export_onnx
-
-    model = quantize(_trained_like(TinyNet()), {"conv1": 8, "dw": 3, "pw": 16, "fc": 4}, act_bits=4, calib=_batch())
-    x = _batch(seed=9)
-    export_onnx(model, tmp_path / "m.onnx", x)
-    graph = onnx.load(str(tmp_path / "m.onnx"))
-    onnx.checker.check_model(graph)
-    ops = Counter(n.op_type for n in graph.graph.node)
-    assert ops["QuantizeLinear"] == 3 and ops["DequantizeLinear"] == 6  # 3 integer layers: input QDQ + weight DQ
-    assert ops["Cast"] == 2  # the 16-bit layer's input, to fp16 and back
-    (y,) = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"input": x.numpy()})
-    with torch.no_grad():
-        assert np.abs(y - model.eval()(x).numpy()).max() <= 1e-4
-
-
-@pytest.mark.parametrize("size", [24, 40])
-def test_onnx_export_takes_the_data_image_shape_from_the_file(tmp_path, size):
-    """A model trained on size x size images: the .kdq file records (3, size, size), the reloaded model exports
-    an ONNX graph for exactly that input without being told, and onnxruntime matches torch on it."""
-    pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
-    from kdsearch.quant import export_onnx, input_shape_of
-
-    model = quantize(_trained_like(TinyNet()), {"conv1": 8, "dw": 4, "pw": 4, "fc": 8}, calib=_batch(size=size))
-    export_quantized(model, tmp_path / "m.kdq", input_shape=(3, size, size))
-    assert read_metadata(tmp_path / "m.kdq")["input_shape"] == [3, size, size]
-    loaded = load_quantized(tmp_path / "m.kdq", TinyNet)
-    assert input_shape_of(loaded) == (3, size, size)
-    export_onnx(loaded, tmp_path / "m.onnx")
-    session = ort.InferenceSession(str(tmp_path / "m.onnx"))
-    assert session.get_inputs()[0].shape[1:] == [3, size, size]
-    x = _batch(n=5, size=size, seed=11)
-    (y,) = session.run(None, {"input": x.numpy()})
-    with torch.no_grad():
-        assert np.abs(y - loaded(x).numpy()).max() <= 1e-4
-    with pytest.raises(ValueError, match="disagree"):  # a caller's 32x32 guess is refused, not exported
-        export_onnx(loaded, tmp_path / "bad.onnx", torch.zeros(1, 3, 32, 32))
-    with pytest.raises(ValueError, match="pass input_shape"):  # nothing recorded, nothing given: no guess
-        export_onnx(model, tmp_path / "bad.onnx")
-    assert not (tmp_path / "bad.onnx").exists()
-
-
 # ---------------------------------------------------------------- registry models (seed arithmetic)
 
 models = pytest.importorskip("kdsearch.models")

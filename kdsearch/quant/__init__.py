@@ -5,6 +5,7 @@
     quantize(model, cfg, act_bits=8, calib=x)                     # in place; then train as usual (QAT)
     model_size(model).total_mb                                    # bytes the exported file holds
     export_quantized(model, "m.kdq", arch="resnet18"); load_quantized("m.kdq")
+    export_onnx(model, "m.onnx", calib=val_images)                # integer ONNX that ORT fuses (checked)
 """
 
 from .api import (
@@ -34,6 +35,7 @@ from .layers import FoldingBatchNorm1d, FoldingBatchNorm2d, QuantConv2d, QuantLi
 from .lsq_ops import lsq_fake_quant, lsq_function, lsq_grad_scale
 from .quantizers import HalfQuantizer, LsqActQuantizer, LsqWeightQuantizer, init_act_step, init_weight_step
 from .onnx_export import export_onnx
+from .onnx_fusion import FusionError, FusionReport, check_fusion
 from .precision import strict_fp32, strict_fp32_active
 from .size import SizeReport, StoredTensor, model_size, storage_plan
 
@@ -42,6 +44,8 @@ __all__ = [
     "BitConfig",
     "DeadChannelError",
     "FoldingBatchNorm1d",
+    "FusionError",
+    "FusionReport",
     "FoldingBatchNorm2d",
     "HalfQuantizer",
     "LayerInfo",
@@ -57,6 +61,7 @@ __all__ = [
     "calibrate",
     "check_steps",
     "dead_channels",
+    "check_fusion",
     "export_onnx",
     "export_quantized",
     "init_act_step",

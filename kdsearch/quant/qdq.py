@@ -1,65 +1,100 @@
-"""The ONNX-traceable arithmetic of a quantized layer: QuantizeLinear/DequantizeLinear-shaped autograd functions.
+"""What a QAT model says each quantized layer computes, read once, as plain numbers for the ONNX exporter.
 
-Kept apart from `onnx_export` (which prepares a model and calls the exporter) so that the layers can use it
-while being traced without importing the exporter: the quant package's modules import in one direction.
+The exporter (`onnx_export`) never reads a quantizer's parameters itself: the step of an activation quantizer
+(``act_step``), the integer codes and per-channel steps of a weight quantizer (``effective_step`` and
+``integers``, the quantizers' public interface) are read here, so a change in how the quantizers store their
+steps (a fixed buffer, a log-parameterised step) touches one function.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .quantizers import HalfQuantizer
+from .quantizers import HalfQuantizer, LsqActQuantizer, LsqWeightQuantizer
 
 
-class _ActQDQ(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, step: float, qn: int, qp: int, signed: bool) -> Tensor:  # type: ignore[override]
-        return torch.clamp(torch.round(x / step), -qn, qp) * step
-
-    @staticmethod
-    def symbolic(g, x, step: float, qn: int, qp: int, signed: bool):  # type: ignore[no-untyped-def]
-        const = lambda t: g.op("Constant", value_t=t)  # noqa: E731
-        s = const(torch.tensor(step, dtype=torch.float32))
-        zp = const(torch.tensor(0, dtype=torch.int8 if signed else torch.uint8))
-        lo, hi = const(torch.tensor(-qn * step, dtype=torch.float32)), const(torch.tensor(qp * step, dtype=torch.float32))
-        q = g.op("QuantizeLinear", g.op("Clip", x, lo, hi), s, zp)
-        return g.op("DequantizeLinear", q, s, zp)
+def act_step(aq: nn.Module) -> float:
+    """The step an activation quantizer rounds with (positive)."""
+    if hasattr(aq, "effective_step"):
+        return float(aq.effective_step().reshape(-1)[0])
+    return float(aq.step.float().clamp_min(1e-8).reshape(-1)[0])
 
 
-class _WeightDQ(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q: Tensor, scale: Tensor, zp: Tensor) -> Tensor:  # type: ignore[override]
-        return q.float() * scale.view(-1, *([1] * (q.dim() - 1)))
+@dataclass(frozen=True)
+class ActGrid:
+    """A layer's input grid: ``clamp(round(x / step), -qn, qp) * step`` (LSQ's signed or unsigned range).
 
-    @staticmethod
-    def symbolic(g, q, scale, zp):  # type: ignore[no-untyped-def]
-        return g.op("DequantizeLinear", q, scale, zp, axis_i=0)
+    On 8 bits this is exactly a uint8 grid with zero point ``qn`` (0 unsigned, 128 signed): a signed 8-bit grid
+    [-128..127]*s is the uint8 grid [0..255] shifted by 128, so nothing changes numerically. Below 8 bits the
+    uint8 grid is wider than the layer's, and the exporter clips to [-qn*s, qp*s] as well.
+    """
+
+    step: float
+    bits: int
+    signed: bool
+
+    @property
+    def qn(self) -> int:
+        return 2 ** (self.bits - 1) if self.signed else 0
+
+    @property
+    def qp(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+
+    @property
+    def zero_point(self) -> int:
+        return self.qn
+
+    @property
+    def narrower_than_uint8(self) -> bool:
+        return self.qn + self.qp < 255
 
 
-class _HalfCast(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
-        return x.clamp(-65504.0, 65504.0).half().float()
+@dataclass(frozen=True)
+class LayerQuant:
+    """One quantized conv/linear as the exporter needs it.
 
-    @staticmethod
-    def symbolic(g, x):  # type: ignore[no-untyped-def]
-        return g.op("Cast", g.op("Cast", x, to_i=10), to_i=1)  # 10 = FLOAT16, 1 = FLOAT
+    ``codes``/``scale``: the int8 weight codes (the layer's b-bit integers, b <= 8) and the per-output-channel
+    step, or None for a 16-bit layer (``half_weight``: its fp16-rounded weight). ``act``: the input grid of an
+    integer layer; ``half_input``: the input is rounded to fp16 (a 16-bit layer).
+    """
+
+    name: str
+    weight_bits: int
+    codes: np.ndarray | None
+    scale: np.ndarray | None
+    act: ActGrid | None
+    half_input: bool
+    half_weight: Tensor | None
+
+    @property
+    def integer(self) -> bool:
+        return self.codes is not None and self.act is not None
+
+
+@torch.no_grad()
+def layer_quant(name: str, layer: nn.Module) -> LayerQuant:
+    """Read one quantized layer (``is_quant_layer``); raises if its activation quantizer never saw data."""
+    aq, wq = layer.act_quantizer, layer.weight_quantizer
+    act = None
+    if isinstance(aq, LsqActQuantizer):
+        if not aq.is_initialized:
+            raise ValueError(f"export_onnx: activation quantizer of {name!r} never saw data; calibrate first")
+        act = ActGrid(act_step(aq), int(aq.bits), bool(aq.is_signed))
+    codes = scale = half_weight = None
+    if isinstance(wq, LsqWeightQuantizer):
+        codes = wq.integers(layer.weight).cpu().numpy().astype(np.int8)
+        scale = wq.effective_step().detach().float().cpu().numpy()
+    elif isinstance(wq, HalfQuantizer):
+        half_weight = layer.weight.detach().float().clamp(-65504.0, 65504.0).half().float().cpu()
+    return LayerQuant(name, int(layer.weight_bits), codes, scale, act, isinstance(aq, HalfQuantizer), half_weight)
 
 
 def qdq_operands(layer: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-    """The (input, weight) of a quantized layer as QDQ-expressible ops; used while exporting to ONNX."""
-    cache = getattr(layer, "_onnx_cache", None)
-    if cache is None:
-        raise RuntimeError("qdq_operands: use kdsearch.quant.export_onnx, which prepares the layers")
-    if "act" in cache:
-        x = _ActQDQ.apply(x, *cache["act"])
-    elif isinstance(layer.act_quantizer, HalfQuantizer):
-        x = _HalfCast.apply(x)
-    if "weight" in cache:
-        w = _WeightDQ.apply(*cache["weight"])
-    elif "half_weight" in cache:
-        w = cache["half_weight"]
-    else:
-        w = layer.weight
-    return x, w
+    """Kept for the layers' export hook: the exporter now runs quantized layers as float convs and writes the
+    quantization into the ONNX graph itself (``export_onnx``), so a quantized layer is never traced directly."""
+    raise RuntimeError("a quantized layer cannot be traced by itself: use kdsearch.quant.export_onnx")
