@@ -4,10 +4,12 @@
     cfg = BitConfig.uniform(inv, 4, pin={"first": 8, "last": 8})  # or a searched {layer: bits} dict
     quantize(model, cfg, act_bits=8, calib=x)                     # in place; then train as usual (QAT)
     model_size(model).total_mb                                    # bytes the exported file holds
+    model_bops(model, input_size=(3, 32, 32)).gbops               # MACs x b_w x b_a (HAWQ-V3), in 10^9
     export_quantized(model, "m.kdq", arch="resnet18"); load_quantized("m.kdq")
 """
 
 from .api import act_bits_of, bit_config_of, calibrate, is_quantized, quantize, quantizer_parameters
+from .bops import BopsReport, LayerBops, bops_costs, model_bops
 from .bitconfig import (
     SUPPORTED_BITS,
     BitConfig,
@@ -35,9 +37,11 @@ from .size import SizeReport, StoredTensor, model_size, storage_plan
 __all__ = [
     "SUPPORTED_BITS",
     "BitConfig",
+    "BopsReport",
     "FoldingBatchNorm1d",
     "FoldingBatchNorm2d",
     "HalfQuantizer",
+    "LayerBops",
     "LayerInfo",
     "LsqActQuantizer",
     "LsqWeightQuantizer",
@@ -47,6 +51,7 @@ __all__ = [
     "StoredTensor",
     "act_bits_of",
     "bit_config_of",
+    "bops_costs",
     "bypass_quantization",
     "calibrate",
     "export_onnx",
@@ -60,6 +65,7 @@ __all__ = [
     "lsq_fake_quant",
     "lsq_function",
     "lsq_grad_scale",
+    "model_bops",
     "model_size",
     "pack_bits",
     "quantizable_layers",
