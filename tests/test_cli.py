@@ -29,6 +29,9 @@ CASES = [
       "--set", "data.root=/nonexistent/c", "--set", "data.num_classes=null"], "cifar"),
     (["train", "smoke", "--model", "resnet99"], "--model 'resnet99'"),
     (["validate", "smoke", "--set", "search.budgets_mb=[0.001]"], "below the smallest size tiny_cnn can reach"),
+    (["validate", "smoke", "--set", "search.budgets_gbops=[1, 0.01]"],
+     "spec field 'search.budgets_gbops[1]': 0.01 GBOPs is below the smallest BOPs tiny_cnn can reach"),
+    (["validate", "smoke", "--set", "search.budgets_mb=[]"], "spec field 'search.budgets_gbops': no budget given"),
     (["validate", "smoke", "--set", "quant.pin={layer9: 8}"], "spec field 'quant.pin'"),
     (["status", "/nonexistent/run"], "run directory"),
 ]
