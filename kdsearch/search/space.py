@@ -268,9 +268,11 @@ def warm_start_points(space: SearchSpace, candidates: Iterable[Mapping[str, int]
 
 
 def prior_candidates(priors: Mapping[str, Any] | None) -> tuple[list[dict[str, int]], dict[str, list[int]]]:
-    """(warm-start bit configs, excluded choices) from a sensitivity stage's priors.json (None: no priors)."""
+    """(warm-start bit configs, excluded choices) from a sensitivity stage's priors.json (None: no priors): the
+    solver's starts for the size budgets, then for the BOPs budgets."""
     if not priors:
         return [], {}
-    starts = [dict(r["bit_config"]) for r in priors.get("warm_starts", []) if r.get("bit_config")]
+    starts = [dict(r["bit_config"]) for key in ("warm_starts", "warm_starts_bops")
+              for r in priors.get(key, []) if r.get("bit_config")]
     excluded = {str(k): [int(b) for b in v] for k, v in (priors.get("excluded") or {}).items()}
     return starts, excluded

@@ -71,7 +71,7 @@ def search_stage(spec: Spec, ctx: RunContext, *, out_dir: Path | None = None, us
     `sampler_seed` (default spec.seed; the data and model seeds stay) are for benchmarks and ablations.
     """
     from ..checkpoints import CheckpointError, load_model, read_model_file
-    from ..data import load_data
+    from ..data import image_shape, load_data
     from ..distill import logit_cache_dir, make_pool
     from ..raycluster import cluster_gpus, ensure_ray
     from ..rundir import RunDir
@@ -86,7 +86,7 @@ def search_stage(spec: Spec, ctx: RunContext, *, out_dir: Path | None = None, us
     model, _ = load_model(student)
     priors = _load_priors(spec, run_dir) if use_priors else None
     starts, excluded = prior_candidates(priors)
-    shape = image_shape(spec)
+    shape = image_shape(spec.data)
     space = build_space(model, spec.quant, _first(spec.search.budgets_mb), excluded,
                         budget_gbops=_first(spec.search.budgets_gbops), input_size=shape)
     warm = (starts + uniform_configs(space, spec.quant.bits)) if spec.search.warm_start else []
@@ -137,22 +137,11 @@ def _first(budgets: tuple[float, ...]) -> float | None:
     return budgets[0] if budgets else None
 
 
-def image_shape(spec: Spec) -> tuple[int, ...]:
-    """The data's image shape (what BOPs are counted on): from the spec where it says it, else the decoded data."""
-    from ..data_checks import known_image_shape
-
-    shape = known_image_shape(spec.data)
-    if shape is None:
-        from ..data import load_data
-
-        shape = load_data(spec.data).image_shape
-    return tuple(shape)
-
-
 def write_pareto_plot(spec: Spec, out: Path, model: Any, kd_acc: float | None,
                       shape: tuple[int, ...] | None = None) -> Path:
     """out/pareto.png: the trials, the front, the budgets, uniform 16/8/4 (pins kept) and the float KD student,
     against size and against BOPs (on `shape`, default the data's image shape)."""
+    from ..data import image_shape
     from ..plots import Marker, plot_pareto
     from ..quant import BitConfig, model_bops, model_size
 
@@ -160,7 +149,7 @@ def write_pareto_plot(spec: Spec, out: Path, model: Any, kd_acc: float | None,
     trained = df[df["status"] == "completed"]
     bit_cols = [c for c in df.columns if c.startswith("bits.")]
     markers = []
-    shape = shape or image_shape(spec)
+    shape = shape or image_shape(spec.data)
     for b in (16, 8, 4):
         cfg = BitConfig.uniform(model, b, pin=dict(spec.quant.pin))
         size = model_size(model, cfg, act_bits=spec.quant.act_bits).total_mb
