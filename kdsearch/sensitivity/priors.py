@@ -82,6 +82,34 @@ def budget_grid(budgets_mb: Sequence[float], around: Sequence[float], scale: flo
     return out
 
 
+# Record keys per cost: spec budget, budget in the cost's integer unit and in the spec's unit, the total likewise.
+_KEYS = {"bytes": ("base_budget_mb", "budget_bytes", "budget_mb", "total_bytes", "total_mb", 1e6),
+         "bops": ("base_budget_gbops", "budget_bops", "budget_gbops", "total_bops", "gbops", 1e9)}
+
+
+def _solve_grid(table: pd.DataFrame, fixed: int, budgets: Sequence[float], around: Sequence[float], metric: str,
+                pinned: Mapping[str, int] | None, excluded: Mapping[str, Sequence[int]] | None,
+                cost: str) -> list[dict[str, Any]]:
+    base, budget, budget_u, total, total_u, scale = _KEYS[cost]
+    col = METRIC_COLUMNS.get(metric, metric)
+    grid = [{base: g["base_budget_mb"], "multiple": g["multiple"], budget: g["budget_bytes"]}
+            for g in budget_grid(budgets, around, scale)]
+    allocs = solve_allocations(table, [g[budget] for g in grid], fixed, pinned, metric=col, excluded=excluded,
+                               cost=cost)
+    smallest = min_total_bytes(table, fixed, pinned, excluded, cost=cost)
+    out = []
+    for g, alloc in zip(grid, allocs):
+        rec: dict[str, Any] = {**g, budget_u: g[budget] / scale, "metric": col}
+        if alloc is None:
+            rec.update({"feasible": False, "bit_config": None, total: None, "objective": None,
+                        "reason": f"smallest allowed allocation is {smallest} {'BOPs' if cost == 'bops' else cost}"})
+        else:
+            rec.update({"feasible": True, "bit_config": alloc.bit_config.to_dict(), total: alloc.total_bytes,
+                        total_u: alloc.total_bytes / scale, "objective": alloc.objective})
+        out.append(rec)
+    return out
+
+
 def warm_starts(
     table: pd.DataFrame,
     fixed_bytes: int,
@@ -93,22 +121,7 @@ def warm_starts(
     excluded: Mapping[str, Sequence[int]] | None = None,
 ) -> list[dict[str, Any]]:
     """One record per budget: the solver's ``bit_config`` (a dict, or None when infeasible) and its size."""
-    col = METRIC_COLUMNS.get(metric, metric)
-    grid = budget_grid(budgets_mb, around)
-    allocs = solve_allocations(table, [g["budget_bytes"] for g in grid], fixed_bytes, pinned,
-                               metric=col, excluded=excluded)
-    smallest = min_total_bytes(table, fixed_bytes, pinned, excluded)
-    out = []
-    for g, alloc in zip(grid, allocs):
-        rec: dict[str, Any] = {**g, "budget_mb": g["budget_bytes"] / 1e6, "metric": col}
-        if alloc is None:
-            rec.update(feasible=False, bit_config=None, total_bytes=None, objective=None,
-                       reason=f"smallest allowed allocation is {smallest} bytes")
-        else:
-            rec.update(feasible=True, bit_config=alloc.bit_config.to_dict(), total_bytes=alloc.total_bytes,
-                       total_mb=alloc.total_bytes / 1e6, objective=alloc.objective)
-        out.append(rec)
-    return out
+    return _solve_grid(table, fixed_bytes, budgets_mb, around, metric, pinned, excluded, "bytes")
 
 
 def warm_starts_bops(
@@ -122,20 +135,4 @@ def warm_starts_bops(
 ) -> list[dict[str, Any]]:
     """``warm_starts`` for BOPs budgets (GBOPs): the same exact solver on the table's ``bops`` column (BOPs have
     no fixed part). Records name ``base_budget_gbops`` and ``budget_bops``, ``total_bops``, ``gbops``."""
-    col = METRIC_COLUMNS.get(metric, metric)
-    grid = [{"base_budget_gbops": g["base_budget_mb"], "multiple": g["multiple"],
-             "budget_bops": g["budget_bytes"]} for g in budget_grid(budgets_gbops, around, scale=1e9)]
-    allocs = solve_allocations(table, [g["budget_bops"] for g in grid], 0, pinned, metric=col, excluded=excluded,
-                               cost="bops")
-    smallest = min_total_bytes(table, 0, pinned, excluded, cost="bops")
-    out = []
-    for g, alloc in zip(grid, allocs):
-        rec: dict[str, Any] = {**g, "budget_gbops": g["budget_bops"] / 1e9, "metric": col}
-        if alloc is None:
-            rec.update(feasible=False, bit_config=None, total_bops=None, objective=None,
-                       reason=f"smallest allowed allocation is {smallest} BOPs")
-        else:
-            rec.update(feasible=True, bit_config=alloc.bit_config.to_dict(), total_bops=alloc.total_bytes,
-                       gbops=alloc.total_bytes / 1e9, objective=alloc.objective)
-        out.append(rec)
-    return out
+    return _solve_grid(table, 0, budgets_gbops, around, metric, pinned, excluded, "bops")
