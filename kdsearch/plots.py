@@ -64,7 +64,8 @@ def _at(m: Marker, cost: str) -> float | None:
     return m.size_mb if cost == SIZE else m.gbops
 
 
-def _panel(plt: Any, ax: Any, results: pd.DataFrame, cost: str, budget: float | None, markers: Sequence[Marker]) -> None:
+def _panel(plt: Any, ax: Any, results: pd.DataFrame, cost: str, budget: float | None,
+           markers: Sequence[Marker]) -> None:
     done = results[results["status"] == "completed"]
     pruned = results[results["status"] == "pruned"]
     front = pareto_front(done, size=cost)

@@ -37,8 +37,8 @@ from ..pareto import ACC, BOPS, COST_COLUMNS, SIZE, hypervolume, pareto_front, r
 
 LAUNCHED = ("running", "completed", "pruned", "error")
 STATUSES = (*LAUNCHED, "infeasible", "duplicate", "retried")
-BASE_COLUMNS = ["number", "trial_id", "status", SIZE, BOPS, "avg_bits", ACC, "epochs", "wall_s", "epoch_s", "finished_seq",
-                "retry_of"]
+BASE_COLUMNS = ["number", "trial_id", "status", SIZE, BOPS, "avg_bits", ACC, "epochs", "wall_s", "epoch_s",
+                "finished_seq", "retry_of"]
 
 
 class CostUnavailable(LookupError):
@@ -82,7 +82,8 @@ def study_frame(study: Any, layers: list[str] | tuple[str, ...], budget: float,
         status = a.get("status") or ("running" if t.state.name == "RUNNING" else t.state.name.lower())
         row: dict[str, Any] = {
             "number": t.number, "trial_id": a.get("trial_id", ""), "status": status,
-            SIZE: a.get(SIZE, math.nan), BOPS: a.get(BOPS, math.nan), "avg_bits": a.get("avg_bits", math.nan), ACC: a.get(ACC, math.nan),
+            SIZE: a.get(SIZE, math.nan), BOPS: a.get(BOPS, math.nan), "avg_bits": a.get("avg_bits", math.nan),
+            ACC: a.get(ACC, math.nan),
             "epochs": int(a.get("epoch", 0)), "wall_s": a.get("wall_s", math.nan),
             "epoch_s": a.get("epoch_s", math.nan), "finished_seq": a.get("finished_seq", -1),
             "retry_of": a.get("retry_of", -1),

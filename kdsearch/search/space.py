@@ -215,9 +215,10 @@ def build_space(model: nn.Module, quant: QuantConfig, budget_mb: float | None,
     if space.budget_bytes is not None and space.min_bytes > space.budget_bytes:
         raise ValueError(f"search.budgets_mb: {budget_mb} MB is below the smallest reachable size "
                          f"{space.min_bytes / 1e6:.6f} MB for these layers, pins and bit-widths")
-    if space.budget_bops is not None and space.min_bops > space.budget_bops:  # type: ignore[operator]
+    least = space.min_bops or 0
+    if space.budget_bops is not None and least > space.budget_bops:
         raise ValueError(f"search.budgets_gbops: {budget_gbops} GBOPs is below the smallest reachable BOPs "
-                         f"{space.min_bops / 1e9:.6f} GBOPs for these layers, pins, bit-widths and "  # type: ignore[operator]
+                         f"{least / 1e9:.6f} GBOPs for these layers, pins, bit-widths and "
                          f"{'x'.join(map(str, input_size))} images")
     return space
 
