@@ -20,15 +20,18 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from .io import atomic_write_text
+from .row_costs import gbops_cell
 from .rundir import RunDir, read_json
 from .selection import best_first, model_means
 from .status import check_run_dir, markdown_table, run_spec, stage_rows
+from .tables import FRONT_FORMAT
 
 log = logging.getLogger("kdsearch.report")
 
@@ -36,8 +39,8 @@ NOT_RUN = "not run yet"
 UNIFORM_ROWS = (("QAT Scratch", "16-bit", "qat_scratch_16"), ("QAT KD", "16-bit", "qat_kd_16"),
                 ("QAT Scratch", "8-bit", "qat_scratch_8"), ("QAT KD", "8-bit", "qat_kd_8"))
 MIXED_ROWS = ((16, 8), (8, 4))
-ROW_COLUMNS = ["Configuration", "Bit-width scheme", "Test acc. (%)", "n", "Val acc. (%)", "Size (MB)", "File (bytes)",
-               "Avg bits", "Teachers", "Model"]
+ROW_COLUMNS = ["Configuration", "Bit-width scheme", "Test acc. (%)", "n", "Val acc. (%)", "Size (MB)", "GBOPs",
+               "File (bytes)", "Avg bits", "Teachers", "Model"]
 
 
 def _pct(v: Any) -> str:
@@ -104,27 +107,28 @@ def _source(v: Any) -> str:
     return {"cache": "logit cache", "live": "live (Ray actors)"}.get(str(v), "-") if v is not None and v == v else "-"
 
 
-def _model_row(conf: str, scheme: str, r: pd.Series, final: pd.DataFrame) -> list[Any]:
+def _model_row(conf: str, scheme: str, r: pd.Series, final: pd.DataFrame, gbops: Callable[[Any], str]) -> list[Any]:
     seeds = final[final["id"] == r["id"]]
     return [conf, scheme, fmt_ms(seeds["test_acc"]), len(seeds), fmt_ms(seeds["val_acc"]), f"{r['size_mb']:.4f}",
-            f"{int(r['file_bytes']):,}", f"{r['avg_bits']:.2f}", _source(r.get("source")),
+            gbops(r.get("bits")), f"{int(r['file_bytes']):,}", f"{r['avg_bits']:.2f}", _source(r.get("source")),
             f"final/{r['id']}.s*.kdq"]
 
 
 def _missing_row(conf: str, scheme: str, why: str) -> list[Any]:
-    return [conf, scheme, why, 0, "-", "-", "-", "-", "-", "-"]
+    return [conf, scheme, why, 0, "-", "-", "-", "-", "-", "-", "-"]
 
 
 def seed_table(run_dir: Path, spec: dict[str, Any], student: dict[str, Any]) -> pd.DataFrame:
     """The seed's eight rows (plus one per other finalized width set): test accuracy as mean ± std over the seeds
     (with n), the validation accuracy that chose it, sizes, the teacher source, or why a row is missing."""
     rows: list[list[Any]] = []
-    fp32 = student.get("fp32_mb")
+    fp32, gbops = student.get("fp32_mb"), gbops_cell(run_dir, spec, student)
     for conf, kind in (("Baseline (Scratch)", "scratch"), ("KD (FP32)", "kd")):
         ms = students(run_dir, kind)
         if ms:
             rows.append([conf, "FP32", fmt_ms([m.get("test_acc") for m in ms]), len(ms),
-                         fmt_ms([m.get("val_acc") for m in ms]), f"{fp32:.4f}" if fp32 else "-", "-", "32.00",
+                         fmt_ms([m.get("val_acc") for m in ms]), f"{fp32:.4f}" if fp32 else "-", gbops(None), "-",
+                         "32.00",
                          _source(ms[0].get("source")), f"students/s*/{kind}.pt"])
         else:
             rows.append(_missing_row(conf, "FP32", NOT_RUN))
@@ -133,7 +137,7 @@ def seed_table(run_dir: Path, spec: dict[str, Any], student: dict[str, Any]) -> 
     for conf, scheme, fid in UNIFORM_ROWS:
         hit = models[models["id"] == fid] if models is not None and len(models) else None
         if hit is not None and len(hit):
-            rows.append(_model_row(conf, scheme, hit.iloc[0], final))
+            rows.append(_model_row(conf, scheme, hit.iloc[0], final, gbops))
         else:
             rows.append(_missing_row(conf, scheme, NOT_RUN))
     quant = spec.get("quant") or {}
@@ -154,13 +158,13 @@ def seed_table(run_dir: Path, spec: dict[str, Any], student: dict[str, Any]) -> 
             why = f"no finalized configuration uses exactly {pair[0]}/{pair[1]}"
             rows.append(_missing_row("QAT Layer+KD", scheme, why))
         else:
-            rows.append(_model_row("QAT Layer+KD", scheme, best_first(hit).iloc[0], final))
+            rows.append(_model_row("QAT Layer+KD", scheme, best_first(hit).iloc[0], final, gbops))
     if searched is not None and len(searched):
         for used, group in sorted(searched.groupby(searched["bits_used"].map(_used)), key=lambda g: -max(g[0])):
             if used in seen:
                 continue
             best = best_first(group).iloc[0]
-            rows.append(_model_row("QAT Layer+KD", best["label"], best, final))
+            rows.append(_model_row("QAT Layer+KD", best["label"], best, final, gbops))
     return pd.DataFrame(rows, columns=ROW_COLUMNS)
 
 
@@ -237,21 +241,23 @@ def _search_section(run_dir: Path) -> list[str]:
         return [NOT_RUN]
     c = summary.get("counts", {})
     out = [f"{summary.get('launched', 0)} trials launched ({', '.join(f'{v} {k}' for k, v in c.items() if v)}); "
-           f"budget {summary.get('budget_mb')} MB; hypervolume {summary.get('hypervolume', 0):.4g} "
+           f"budget {summary.get('budget_mb')} MB; "
+           + (f"budget {summary['budget_gbops']} GBOPs; " if summary.get("budget_gbops") is not None else "")
+           + f"hypervolume of accuracy and {summary.get('cost', 'size_mb')} {summary.get('hypervolume', 0):.4g} "
            f"(reference {summary.get('reference_point')}); front of {summary.get('front', 0)}; "
            f"best validation accuracy {_pct(summary.get('best_acc'))}%; updated {summary.get('updated', '?')}.", ""]
     if (run_dir / "search" / "pareto.png").is_file():
-        out += ["![Pareto front: accuracy vs size](search/pareto.png)", ""]
+        out += ["![Pareto front: accuracy vs size and vs BOPs](search/pareto.png)", ""]
     pf = run_dir / "search" / "pareto.parquet"
     if pf.is_file():
         front = pd.read_parquet(pf)
         if len(front):
             bit_cols = [col for col in front.columns if col.startswith("bits.")]
             front = front.assign(bits=front[bit_cols].astype(str).agg("/".join, axis=1))
-            cols = ["number", "val_acc", "size_mb", "avg_bits", "epochs", "bits"]
+            cols = [c for c in ("number", "val_acc", "size_mb", "gbops", "avg_bits", "epochs", "bits") if c in front]
             out += [f"Pareto front (validation accuracy after {int(front['epochs'].max())} QAT epochs; bits in layer "
                     f"order {'/'.join(c.removeprefix('bits.') for c in bit_cols)}):", "",
-                    markdown_table(front[cols], {"val_acc": ".2f", "size_mb": ".4f", "avg_bits": ".2f"})]
+                    markdown_table(front[cols], FRONT_FORMAT)]
     return out
 
 
@@ -271,6 +277,9 @@ def _sensitivity_section(run_dir: Path) -> list[str]:
         for w in starts:
             what = f"{w['total_mb']:.4f} MB" if w.get("feasible") else f"infeasible ({w.get('reason')})"
             out.append(f"* Solver start for {w['base_budget_mb']:g} MB: {what}")
+        for w in (w for w in priors.get("warm_starts_bops", []) if w.get("multiple") == 1.0):
+            what = f"{w['gbops']:.4g} GBOPs" if w.get("feasible") else f"infeasible ({w.get('reason')})"
+            out.append(f"* Solver start for {w['base_budget_gbops']:g} GBOPs: {what}")
     return out
 
 

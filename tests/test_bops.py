@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from kdsearch.models import create_model
 from kdsearch.quant import BitConfig, layer_inventory, quantize
-from kdsearch.quant.bops import bops_costs, layer_bops, model_bops, operand_act_bits
+from kdsearch.quant.bops import bops_costs, gbops_function, layer_bops, model_bops, operand_act_bits
 
 
 def flop_counter_macs(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, int]:
@@ -53,8 +53,8 @@ def test_macs_match_flop_counter_per_layer(arch, input_size):
 
 
 def test_grouped_conv_macs_match_flop_counter():
-    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, groups=4), nn.ReLU(), nn.Conv2d(16, 16, 3, stride=2, groups=16),
-                          nn.Flatten(), nn.Linear(16 * 7 * 7, 5))
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, groups=4), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, stride=2, groups=16), nn.Flatten(), nn.Linear(16 * 7 * 7, 5))
     ours = {info.name: info.macs for info in layer_inventory(model, input_size=(8, 16, 16))}
     assert ours == flop_counter_macs(model, (8, 16, 16))
     assert ours["0"] == 16 * 16 * 16 * (8 // 4) * 9 and ours["2"] == 16 * 7 * 7 * 9
@@ -80,6 +80,9 @@ def test_bops_follow_weight_and_activation_bits():
     costs = bops_costs(inv, {n: [cfg[n]] for n in names}, 8)
     assert sum(costs[(n, cfg[n])] for n in names) == rep.total_bops
     assert rep.gbops == rep.total_bops / 1e9
+    gbops = gbops_function(model, 8)  # one forward, then any configuration (a left-out layer is 32-bit)
+    assert gbops(cfg) == rep.gbops and gbops(None) == model_bops(model).gbops
+    assert gbops({names[0]: 8}) == model_bops(model, BitConfig.uniform(inv, 32).updated({names[0]: 8})).gbops
     with pytest.raises(ValueError, match="unknown layer"):
         bops_costs(inv, {"nope": [8]}, 8)
 

@@ -9,7 +9,7 @@
 """
 
 from .api import act_bits_of, bit_config_of, calibrate, is_quantized, quantize, quantizer_parameters
-from .bops import BopsReport, LayerBops, bops_costs, model_bops
+from .bops import BopsReport, LayerBops, bops_costs, gbops_function, model_bops
 from .bitconfig import (
     SUPPORTED_BITS,
     BitConfig,
@@ -56,6 +56,7 @@ __all__ = [
     "calibrate",
     "export_onnx",
     "export_quantized",
+    "gbops_function",
     "init_act_step",
     "init_weight_step",
     "input_shape_of",

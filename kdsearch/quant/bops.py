@@ -17,7 +17,7 @@ export), activations, pooling and residual adds. Biases are not multiply-accumul
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from torch import nn
@@ -101,3 +101,17 @@ def model_bops(model: nn.Module, bit_config: Mapping[str, int] | None = None, *,
         widths = {n: (cfg[n], operand_act_bits(cfg[n], act_bits)) for n in cfg}
     return BopsReport(tuple(LayerBops(info.name, info.macs, *widths[info.name],
                                       info.macs * widths[info.name][0] * widths[info.name][1]) for info in inventory))
+
+
+def gbops_function(model: nn.Module, act_bits: ActRule = 8,
+                   input_size: Sequence[int] = (3, 32, 32)) -> Callable[[Mapping[str, int] | None], float]:
+    """GBOPs of ``model`` at any bit config (None, or a layer left out: 32-bit), from one forward pass: for a
+    table of many configurations of one model (the report's rows)."""
+    check_act_rule(act_bits)
+    inventory = layer_inventory(model, input_size=input_size)
+
+    def gbops(bit_config: Mapping[str, int] | None) -> float:
+        cfg = bit_config or {}
+        return sum(layer_bops(i.macs, int(cfg.get(i.name, 32)), act_bits) for i in inventory) / GIGA
+
+    return gbops
