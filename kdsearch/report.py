@@ -241,8 +241,8 @@ def _search_section(run_dir: Path) -> list[str]:
         return [NOT_RUN]
     c = summary.get("counts", {})
     out = [f"{summary.get('launched', 0)} trials launched ({', '.join(f'{v} {k}' for k, v in c.items() if v)}); "
-           f"budget {summary.get('budget_mb')} MB; "
-           + (f"budget {summary['budget_gbops']} GBOPs; " if summary.get("budget_gbops") is not None else "")
+           + "".join(f"budget {summary[k]} {unit}; " for k, unit in (("budget_mb", "MB"), ("budget_gbops", "GBOPs"))
+                     if summary.get(k) is not None)
            + f"hypervolume of accuracy and {summary.get('cost', 'size_mb')} {summary.get('hypervolume', 0):.4g} "
            f"(reference {summary.get('reference_point')}); front of {summary.get('front', 0)}; "
            f"best validation accuracy {_pct(summary.get('best_acc'))}%; updated {summary.get('updated', '?')}.", ""]
