@@ -95,6 +95,25 @@ def test_space_bops_is_model_bops_and_both_budgets_constrain(resnet8) -> None:
         build_space(resnet8, quant, budget_mb=None, budget_gbops=0.1)
 
 
+def test_space_and_writer_pickled_before_bops_restore_as_size_only(tmp_path) -> None:
+    """A Tune experiment snapshot from before BOPs holds a space and a writer without the new attributes."""
+    from kdsearch.search.results import ResultsWriter
+
+    space = toy_space(layers=4, budget_fraction=0.6)
+    old = pickle.loads(pickle.dumps(space))
+    for k in ("bops", "budget_gbops"):
+        del old.__dict__[k]
+    bits = {n: 8 for n in old.layers}
+    assert old.cost == "size" and old.violations(bits).keys() == {"size_over_budget_mb"}
+    assert old.feasible(bits) == space.feasible(bits) and old.bops_total(bits) is None
+    writer = ResultsWriter(tmp_path, space.layers, space.budget_mb)
+    state = writer.__getstate__()
+    del state["budget_gbops"]
+    restored = ResultsWriter.__new__(ResultsWriter)
+    restored.__setstate__(state)
+    assert restored.cost == "size_mb" and restored.budget == space.budget_mb
+
+
 def test_warm_starts_are_snapped_and_kept_in_budget(resnet8) -> None:
     quant = QuantConfig(bits=(8, 4, 2), pin={"first": 8, "last": 8})
     layer = "layer1.0.conv1"
