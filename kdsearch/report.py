@@ -20,14 +20,13 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from .io import atomic_write_text
-from .row_costs import gbops_cell
+from .row_costs import fmt_gbops, gbops_of_bits, with_gbops
 from .rundir import RunDir, read_json
 from .selection import best_first, model_means
 from .status import check_run_dir, markdown_table, run_spec, stage_rows
@@ -107,10 +106,10 @@ def _source(v: Any) -> str:
     return {"cache": "logit cache", "live": "live (Ray actors)"}.get(str(v), "-") if v is not None and v == v else "-"
 
 
-def _model_row(conf: str, scheme: str, r: pd.Series, final: pd.DataFrame, gbops: Callable[[Any], str]) -> list[Any]:
+def _model_row(conf: str, scheme: str, r: pd.Series, final: pd.DataFrame) -> list[Any]:
     seeds = final[final["id"] == r["id"]]
     return [conf, scheme, fmt_ms(seeds["test_acc"]), len(seeds), fmt_ms(seeds["val_acc"]), f"{r['size_mb']:.4f}",
-            gbops(r.get("bits")), f"{int(r['file_bytes']):,}", f"{r['avg_bits']:.2f}", _source(r.get("source")),
+            fmt_gbops(r.get("gbops")), f"{int(r['file_bytes']):,}", f"{r['avg_bits']:.2f}", _source(r.get("source")),
             f"final/{r['id']}.s*.kdq"]
 
 
@@ -122,22 +121,21 @@ def seed_table(run_dir: Path, spec: dict[str, Any], student: dict[str, Any]) -> 
     """The seed's eight rows (plus one per other finalized width set): test accuracy as mean ± std over the seeds
     (with n), the validation accuracy that chose it, sizes, the teacher source, or why a row is missing."""
     rows: list[list[Any]] = []
-    fp32, gbops = student.get("fp32_mb"), gbops_cell(run_dir, spec, student)
+    fp32, gbops = student.get("fp32_mb"), gbops_of_bits(run_dir, spec, student)
     for conf, kind in (("Baseline (Scratch)", "scratch"), ("KD (FP32)", "kd")):
         ms = students(run_dir, kind)
         if ms:
             rows.append([conf, "FP32", fmt_ms([m.get("test_acc") for m in ms]), len(ms),
-                         fmt_ms([m.get("val_acc") for m in ms]), f"{fp32:.4f}" if fp32 else "-", gbops(None), "-",
-                         "32.00",
-                         _source(ms[0].get("source")), f"students/s*/{kind}.pt"])
+                         fmt_ms([m.get("val_acc") for m in ms]), f"{fp32:.4f}" if fp32 else "-",
+                         fmt_gbops(gbops(None)), "-", "32.00", _source(ms[0].get("source")), f"students/s*/{kind}.pt"])
         else:
             rows.append(_missing_row(conf, "FP32", NOT_RUN))
-    final = _final(run_dir)
+    final = with_gbops(_final(run_dir), gbops)
     models = model_means(final) if final is not None else None
     for conf, scheme, fid in UNIFORM_ROWS:
         hit = models[models["id"] == fid] if models is not None and len(models) else None
         if hit is not None and len(hit):
-            rows.append(_model_row(conf, scheme, hit.iloc[0], final, gbops))
+            rows.append(_model_row(conf, scheme, hit.iloc[0], final))
         else:
             rows.append(_missing_row(conf, scheme, NOT_RUN))
     quant = spec.get("quant") or {}
@@ -158,13 +156,13 @@ def seed_table(run_dir: Path, spec: dict[str, Any], student: dict[str, Any]) -> 
             why = f"no finalized configuration uses exactly {pair[0]}/{pair[1]}"
             rows.append(_missing_row("QAT Layer+KD", scheme, why))
         else:
-            rows.append(_model_row("QAT Layer+KD", scheme, best_first(hit).iloc[0], final, gbops))
+            rows.append(_model_row("QAT Layer+KD", scheme, best_first(hit).iloc[0], final))
     if searched is not None and len(searched):
         for used, group in sorted(searched.groupby(searched["bits_used"].map(_used)), key=lambda g: -max(g[0])):
             if used in seen:
                 continue
             best = best_first(group).iloc[0]
-            rows.append(_model_row("QAT Layer+KD", best["label"], best, final, gbops))
+            rows.append(_model_row("QAT Layer+KD", best["label"], best, final))
     return pd.DataFrame(rows, columns=ROW_COLUMNS)
 
 

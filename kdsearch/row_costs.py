@@ -8,9 +8,12 @@ every view, it works on runs finalized before BOPs were counted.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 from .rundir import RunDir
 
@@ -20,8 +23,8 @@ def parse_bits(text: str) -> dict[str, int]:
     return {k: int(v) for k, v in (kv.split("=") for kv in text.split(","))}
 
 
-def gbops_cell(run_dir: Path, spec: dict[str, Any], student: dict[str, Any]) -> Callable[[str | None], str]:
-    """A row's GBOPs cell from its bits (None: the FP32 student); '-' where the student or the shape is unknown.
+def gbops_of_bits(run_dir: Path, spec: dict[str, Any], student: dict[str, Any]) -> Callable[[str | None], float]:
+    """GBOPs of the student at a row's bits (None: the FP32 student); NaN where the student or the shape is unknown.
 
     ``student``: ``kdsearch.report._float_student``'s dict (arch, num_classes); ``spec``: the run's spec dict.
     """
@@ -34,7 +37,18 @@ def gbops_cell(run_dir: Path, spec: dict[str, Any], student: dict[str, Any]) -> 
     if shape is None and kdq is not None:
         shape = read_metadata(kdq).get("input_shape")
     if not student or not shape:
-        return lambda bits: "-"
+        return lambda bits: math.nan
     fn = gbops_function(create_model(student["arch"], num_classes=student["num_classes"]),
                         (spec.get("quant") or {}).get("act_bits", 8), shape)
-    return lambda bits: f"{fn(parse_bits(bits) if bits else None):.4g}"
+    return lambda bits: fn(parse_bits(bits) if isinstance(bits, str) and bits else None)
+
+
+def with_gbops(final: pd.DataFrame | None, gbops: Callable[[str | None], float]) -> pd.DataFrame | None:
+    """final.parquet's table with a ``gbops`` column from its ``bits`` (kept where finalize recorded one)."""
+    if final is None or "gbops" in final.columns:
+        return final
+    return final.assign(gbops=[gbops(b) for b in final["bits"]])
+
+
+def fmt_gbops(value: Any) -> str:
+    return f"{float(value):.4g}" if value is not None and value == value else "-"
