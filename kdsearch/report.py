@@ -332,7 +332,8 @@ def render_report(run_dir: str | Path) -> str:
         f"Test acc.: top-1 on the test split (%), mean ± sample std over the n seeds {seeds}; for a finalized "
         "model, the accuracy of its exported, reloaded `.kdq` file. Val acc.: the validation accuracy that ranks "
         "it. Size: the size model (MB = 10^6 bytes; packed weights, per-channel scales, folded BatchNorm); File: "
-        "the exported `.kdq` on disk (size model + safetensors header and metadata). QAT rows start from the "
+        "the exported `.kdq` on disk (size model + safetensors header and metadata); GBOPs: 10^9 bit operations "
+        "for one image (MACs x weight bits x activation bits, HAWQ-V3; FP32 32 x 32). QAT rows start from the "
         "same seed's scratch (QAT Scratch) or KD (QAT KD, Layer+KD) float student; KD rows distil during QAT. "
         "Teachers: where the KD rows' teacher logits came from (a cache covering every epoch they train, or "
         "live Ray actors); a KD row and its scratch row see the same augmented views, epoch by epoch.", "",
