@@ -1,4 +1,4 @@
-"""The exact bit-allocation solver: minimise summed layer sensitivity subject to a size budget.
+"""The exact bit-allocation solver: minimise summed layer sensitivity subject to a size (or BOPs) budget.
 
 Choosing one bit-width per layer so that the total size stays under a budget while the summed
 sensitivity (HAWQ-V2, Dong et al. 2020, sec. 3.2: Omega = sum_l Omega_l(b_l)) is smallest is a
@@ -17,7 +17,10 @@ Why an exact Pareto dynamic programme and not a greedy or an ILP:
 
 Byte costs must be exact integers taken from the size model (``kdsearch.quant.model_size``, see
 ``kdsearch.sensitivity.costs``) so that ``fixed_bytes + sum(cost) <= budget`` here is the same
-inequality that the search and the export check.
+inequality that the search and the export check. Any other additive integer cost solves the same way:
+``cost="bops"`` reads a table column of exact per-(layer, bits) BOPs (``kdsearch.quant.bops``, fixed 0).
+One cost per solve: with a size and a BOPs budget together, the search drops a warm start solved for one
+that breaks the other (``kdsearch.search.space.warm_start_points``).
 """
 
 from __future__ import annotations
@@ -125,8 +128,8 @@ class Allocation:
     """A solved allocation: the full ``BitConfig`` (pinned layers included) and its accounting."""
 
     bit_config: BitConfig
-    budget_bytes: int
-    total_bytes: int  # fixed_bytes + the chosen layers' bytes (pinned layers included)
+    budget_bytes: int  # (BOPs when solved with cost="bops")
+    total_bytes: int  # fixed_bytes + the chosen layers' bytes (pinned layers included), or BOPs
     objective: float  # summed sensitivity of the chosen (layer, bits), pinned layers included
 
 
@@ -138,9 +141,10 @@ def _groups(
     metric: str,
     pinned: Mapping[str, int] | None,
     excluded: Mapping[str, Sequence[int]] | None,
+    cost: str = "bytes",
 ) -> tuple[list[str], list[list[int]], list[list[int]], list[list[float]]]:
-    """Per layer (table order): the allowed bit-widths, their byte costs and their sensitivities."""
-    missing = [c for c in (*REQUIRED_COLUMNS, metric) if c not in table.columns]
+    """Per layer (table order): the allowed bit-widths, their `cost` column's costs and their sensitivities."""
+    missing = [c for c in (*REQUIRED_COLUMNS, cost, metric) if c not in table.columns]
     if missing:
         raise ValueError(f"sensitivity table lacks column(s) {missing}")
     pinned = dict(pinned or {})
@@ -163,7 +167,7 @@ def _groups(
         if rows["bits"].duplicated().any():
             raise ValueError(f"layer {name!r} has duplicate rows for one bit-width")
         bits_g.append([int(b) for b in rows["bits"]])
-        costs_g.append([int(c) for c in rows["bytes"]])
+        costs_g.append([int(c) for c in rows[cost]])
         values_g.append([float(v) for v in rows[metric]])
     return layers, bits_g, costs_g, values_g  # groupby(sort=False) keeps first-appearance (table) order
 
@@ -176,17 +180,19 @@ def solve_allocations(
     *,
     metric: str = "omega_kl",
     excluded: Mapping[str, Sequence[int]] | None = None,
+    cost: str = "bytes",
 ) -> list[Allocation | None]:
     """The exact optimum for each budget from one DP pass; None where a budget is infeasible.
 
     ``table``: one row per (layer, bits) with columns layer, bits, bytes (the layer's exact bytes at
     that width) and ``metric``; layers in table order. ``fixed_bytes``: everything that does not depend
     on the choices (BN, biases, ...). Pinned layers keep their bits; ``excluded`` bit-widths are never
-    chosen for their layer.
+    chosen for their layer. ``cost="bops"``: budgets, ``fixed_bytes`` and the ``Allocation``'s totals are
+    BOPs read from the table's ``bops`` column instead of bytes.
     """
     if not budgets_bytes:
         return []
-    layers, bits_g, costs_g, values_g = _groups(table, metric, pinned, excluded)
+    layers, bits_g, costs_g, values_g = _groups(table, metric, pinned, excluded, cost)
     front = pareto_front(costs_g, values_g, max(int(b) for b in budgets_bytes) - int(fixed_bytes))
     out: list[Allocation | None] = []
     for budget in budgets_bytes:
@@ -205,9 +211,11 @@ def min_total_bytes(
     fixed_bytes: int,
     pinned: Mapping[str, int] | None = None,
     excluded: Mapping[str, Sequence[int]] | None = None,
+    cost: str = "bytes",
 ) -> int:
-    """The smallest reachable size: every free layer at its cheapest allowed width, pinned layers as pinned."""
-    _, _, costs_g, _ = _groups(table, "bytes", pinned, excluded)
+    """The smallest reachable size (or `cost`): every free layer at its cheapest allowed width, pinned layers as
+    pinned."""
+    _, _, costs_g, _ = _groups(table, cost, pinned, excluded, cost)
     return int(fixed_bytes) + sum(min(c) for c in costs_g)
 
 

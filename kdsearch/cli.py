@@ -176,15 +176,16 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def _front_text(run_dir: Path, brief: bool) -> str:
-    """The current Pareto front as a table (rich on a terminal, markdown otherwise), as `status` shows it."""
-    from .search.results import pareto_table
+def _front_text(run_dir: Path, brief: bool, cost: str | None = None) -> str:
+    """The current Pareto front as a table (rich on a terminal, markdown otherwise), as `status` shows it;
+    `cost` "size" or "bops" (default: the search's own)."""
+    from .search.results import CostUnavailable, pareto_table
     from .status import unreadable
     from .tables import FRONT_FORMAT, render_table, stdout_is_terminal
 
     try:
-        front = pareto_table(run_dir)
-    except FileNotFoundError as err:  # its message names the file and says to run the search first
+        front = pareto_table(run_dir, cost=cost)
+    except (FileNotFoundError, CostUnavailable) as err:  # its message names the file and what to do
         raise UsageError(str(err)) from None
     except (OSError, ValueError) as err:  # torn or edited (pyarrow's ArrowInvalid is a ValueError)
         raise unreadable(run_dir / "search", err) from None
@@ -196,7 +197,7 @@ def _front_text(run_dir: Path, brief: bool) -> str:
 def cmd_pareto(args: argparse.Namespace) -> int:
     from .status import check_run_dir
 
-    print(_front_text(check_run_dir(args.run_dir), brief=args.brief))
+    print(_front_text(check_run_dir(args.run_dir), brief=args.brief, cost=args.cost))
     return 0
 
 
@@ -357,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pareto", help="print the current Pareto front of a run (works while it searches)")
     p.add_argument("run_dir")
     p.add_argument("--brief", action="store_true", help="leave out the per-layer bit columns")
+    p.add_argument("--cost", choices=["size", "bops"], default=None,
+                   help="the front against size (MB) or BOPs (GBOPs); default: the search's own cost")
     p.set_defaults(fn=cmd_pareto, quiet=True)
     p = sub.add_parser("dashboard", help="serve a run's Optuna study with optuna-dashboard (kdsearch[dashboard])")
     p.add_argument("run_dir")

@@ -156,3 +156,12 @@ def check_data(cfg: DataConfig) -> None:
             _scan_archive(root)
     elif ds != "synthetic":
         raise DataError(f"unknown dataset {ds!r}; choose cifar10, cifar100, imagefolder or synthetic")
+
+
+FIXED_IMAGE_SHAPES = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "synthetic": (3, 32, 32)}
+
+
+def known_image_shape(cfg: DataConfig) -> tuple[int, int, int] | None:
+    """The dataset's image shape (C, H, W) when the spec alone says it (CIFAR, synthetic); None for an image
+    folder, whose images must be decoded to tell (``load_data(cfg).image_shape``)."""
+    return FIXED_IMAGE_SHAPES.get(cfg.dataset)

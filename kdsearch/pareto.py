@@ -1,13 +1,14 @@
-"""Non-dominated sets and the hypervolume indicator, for the accuracy-vs-size trade-off of the search.
+"""Non-dominated sets and the hypervolume indicator, for the accuracy-vs-cost trade-off of the search.
 
 Objectives are given as columns of a [N, M] array with a per-column direction (maximize or not).
 Internally everything is turned into minimisation (maximised columns negated), the convention of
 Deb et al. (2002, NSGA-II) for Pareto dominance and of Zitzler & Thiele (1999) for the hypervolume:
 the Lebesgue measure of the objective-space region dominated by a set and bounded by a reference point.
 
-The search reports the hypervolume of (accuracy %, size MB) with the reference point
-(0 %, 1.1 x budget MB): every feasible trial is inside it, and a trial sitting exactly on the budget
-still adds volume (the 1.1 x nadir margin Optuna uses for its own reference points).
+The search reports the hypervolume of (accuracy %, cost) with the reference point (0 %, 1.1 x budget),
+the cost being size in MB (a size budget is given) or BOPs in GBOPs (only a BOPs budget is given): every
+feasible trial is inside it, and a trial sitting exactly on the budget still adds volume (the 1.1 x nadir
+margin Optuna uses for its own reference points).
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ import numpy as np
 import pandas as pd
 
 ACC, SIZE = "val_acc", "size_mb"  # the search chooses on validation accuracy, never on test
+BOPS = "gbops"  # 10^9 bit operations (kdsearch/quant/bops.py)
+COST_COLUMNS = {"size": SIZE, "bops": BOPS}  # a cost's name -> its results column
+COST_LABELS = {SIZE: "model size (MB = 10^6 bytes)", BOPS: "GBOPs (10^9 x MACs x weight bits x activation bits)"}
+COST_UNITS = {SIZE: "MB", BOPS: "GBOPs"}
 DIRECTIONS = (True, False)  # accuracy: maximise; size: minimise
 
 
@@ -76,13 +81,14 @@ def hypervolume_history(points: np.ndarray | Sequence[Sequence[float]], referenc
     return [hypervolume(pts[: k + 1], reference, maximize) for k in range(len(pts))]
 
 
-def reference_point(budget_mb: float) -> tuple[float, float]:
-    """(accuracy 0 %, 1.1 x budget MB): the search's hypervolume reference."""
-    return 0.0, 1.1 * float(budget_mb)
+def reference_point(budget: float) -> tuple[float, float]:
+    """(accuracy 0 %, 1.1 x budget, in the cost's unit): the search's hypervolume reference."""
+    return 0.0, 1.1 * float(budget)
 
 
 def pareto_front(df: pd.DataFrame, acc: str = ACC, size: str = SIZE) -> pd.DataFrame:
-    """The rows of `df` on the accuracy-max / size-min front, sorted by size (rows with NaN are skipped)."""
+    """The rows of `df` on the accuracy-max / cost-min front, sorted by cost (rows with NaN are skipped); `size` is the
+    cost column (`SIZE`, or `BOPS` for the front in bit operations)."""
     ok = df[[acc, size]].notna().all(1)
     sub = df[ok]
     if sub.empty:

@@ -29,9 +29,11 @@ from typing import Any
 import pandas as pd
 
 from .io import atomic_write_text
+from .row_costs import fmt_gbops, gbops_of_bits, with_gbops
 from .rundir import RunDir, read_json
 from .selection import best_first, model_means
 from .status import check_run_dir, markdown_table, run_spec, stage_rows
+from .tables import FRONT_FORMAT
 
 log = logging.getLogger("kdsearch.report")
 
@@ -41,8 +43,8 @@ UNIFORM_ROWS = (("QAT Scratch", "16-bit", "qat_scratch_16"), ("QAT KD", "16-bit"
 PTQ_ROW = ("PTQ (KD student, no training)", "8-bit", "ptq_kd_8")
 ALLOCATION = "allocation only"  # the role finalize gives the solver's configuration per budget
 MIXED_ROWS = ((16, 8), (8, 4))
-ROW_COLUMNS = ["Configuration", "Bit-width scheme", "Test acc. (%)", "n", "Val acc. (%)", "Size (MB)", "File (bytes)",
-               "Avg bits", "Teachers", "Model"]
+ROW_COLUMNS = ["Configuration", "Bit-width scheme", "Test acc. (%)", "n", "Val acc. (%)", "Size (MB)", "GBOPs",
+               "File (bytes)", "Avg bits", "Teachers", "Model"]
 
 
 def _pct(v: Any) -> str:
@@ -112,28 +114,28 @@ def _source(v: Any) -> str:
 def _model_row(conf: str, scheme: str, r: pd.Series, final: pd.DataFrame) -> list[Any]:
     seeds = final[final["id"] == r["id"]]
     return [conf, scheme, fmt_ms(seeds["test_acc"]), len(seeds), fmt_ms(seeds["val_acc"]), f"{r['size_mb']:.4f}",
-            f"{int(r['file_bytes']):,}", f"{r['avg_bits']:.2f}", _source(r.get("source")),
+            fmt_gbops(r.get("gbops")), f"{int(r['file_bytes']):,}", f"{r['avg_bits']:.2f}", _source(r.get("source")),
             f"final/{r['id']}.s*.kdq"]
 
 
 def _missing_row(conf: str, scheme: str, why: str) -> list[Any]:
-    return [conf, scheme, why, 0, "-", "-", "-", "-", "-", "-"]
+    return [conf, scheme, why, 0, "-", "-", "-", "-", "-", "-", "-"]
 
 
 def seed_table(run_dir: Path, spec: dict[str, Any], student: dict[str, Any]) -> pd.DataFrame:
     """The seed's eight rows (plus one per other finalized width set): test accuracy as mean ± std over the seeds
     (with n), the validation accuracy that chose it, sizes, the teacher source, or why a row is missing."""
     rows: list[list[Any]] = []
-    fp32 = student.get("fp32_mb")
+    fp32, gbops = student.get("fp32_mb"), gbops_of_bits(run_dir, spec, student)
     for conf, kind in (("Baseline (Scratch)", "scratch"), ("KD (FP32)", "kd")):
         ms = students(run_dir, kind)
         if ms:
             rows.append([conf, "FP32", fmt_ms([m.get("test_acc") for m in ms]), len(ms),
-                         fmt_ms([m.get("val_acc") for m in ms]), f"{fp32:.4f}" if fp32 else "-", "-", "32.00",
-                         _source(ms[0].get("source")), f"students/s*/{kind}.pt"])
+                         fmt_ms([m.get("val_acc") for m in ms]), f"{fp32:.4f}" if fp32 else "-",
+                         fmt_gbops(gbops(None)), "-", "32.00", _source(ms[0].get("source")), f"students/s*/{kind}.pt"])
         else:
             rows.append(_missing_row(conf, "FP32", NOT_RUN))
-    final = _final(run_dir)
+    final = with_gbops(_final(run_dir), gbops)
     models = model_means(final) if final is not None else None
     uniform_bits = [int(b) for b in (spec.get("finalize") or {}).get("uniform_bits", (16, 8))]
     for conf, scheme, fid in UNIFORM_ROWS:
@@ -304,21 +306,23 @@ def _search_section(run_dir: Path) -> list[str]:
         return [NOT_RUN]
     c = summary.get("counts", {})
     out = [f"{summary.get('launched', 0)} trials launched ({', '.join(f'{v} {k}' for k, v in c.items() if v)}); "
-           f"budget {summary.get('budget_mb')} MB; hypervolume {summary.get('hypervolume', 0):.4g} "
+           + "".join(f"budget {summary[k]} {unit}; " for k, unit in (("budget_mb", "MB"), ("budget_gbops", "GBOPs"))
+                     if summary.get(k) is not None)
+           + f"hypervolume of accuracy and {summary.get('cost', 'size_mb')} {summary.get('hypervolume', 0):.4g} "
            f"(reference {summary.get('reference_point')}); front of {summary.get('front', 0)}; "
            f"best validation accuracy {_pct(summary.get('best_acc'))}%; updated {summary.get('updated', '?')}.", ""]
     if (run_dir / "search" / "pareto.png").is_file():
-        out += ["![Pareto front: accuracy vs size](search/pareto.png)", ""]
+        out += ["![Pareto front: accuracy vs size and vs BOPs](search/pareto.png)", ""]
     pf = run_dir / "search" / "pareto.parquet"
     if pf.is_file():
         front = pd.read_parquet(pf)
         if len(front):
             bit_cols = [col for col in front.columns if col.startswith("bits.")]
             front = front.assign(bits=front[bit_cols].astype(str).agg("/".join, axis=1))
-            cols = ["number", "val_acc", "size_mb", "avg_bits", "epochs", "bits"]
+            cols = [c for c in ("number", "val_acc", "size_mb", "gbops", "avg_bits", "epochs", "bits") if c in front]
             out += [f"Pareto front (validation accuracy after {int(front['epochs'].max())} QAT epochs; bits in layer "
                     f"order {'/'.join(c.removeprefix('bits.') for c in bit_cols)}):", "",
-                    markdown_table(front[cols], {"val_acc": ".2f", "size_mb": ".4f", "avg_bits": ".2f"})]
+                    markdown_table(front[cols], FRONT_FORMAT)]
     return out
 
 
@@ -338,6 +342,9 @@ def _sensitivity_section(run_dir: Path) -> list[str]:
         for w in starts:
             what = f"{w['total_mb']:.4f} MB" if w.get("feasible") else f"infeasible ({w.get('reason')})"
             out.append(f"* Solver start for {w['base_budget_mb']:g} MB: {what}")
+        for w in (w for w in priors.get("warm_starts_bops", []) if w.get("multiple") == 1.0):
+            what = f"{w['gbops']:.4g} GBOPs" if w.get("feasible") else f"infeasible ({w.get('reason')})"
+            out.append(f"* Solver start for {w['base_budget_gbops']:g} GBOPs: {what}")
     return out
 
 
@@ -417,7 +424,8 @@ def render_report(run_dir: str | Path) -> str:
         f"Test acc.: top-1 on the test split (%), mean ± sample std over the n seeds {seeds}; for a finalized "
         "model, the accuracy of its exported, reloaded `.kdq` file. Val acc.: the validation accuracy that ranks "
         "it. Size: the size model (MB = 10^6 bytes; packed weights, per-channel scales, folded BatchNorm); File: "
-        "the exported `.kdq` on disk (size model + safetensors header and metadata). QAT rows start from the "
+        "the exported `.kdq` on disk (size model + safetensors header and metadata); GBOPs: 10^9 bit operations "
+        "for one image (MACs x weight bits x activation bits, HAWQ-V3; FP32 32 x 32). QAT rows start from the "
         "same seed's scratch (QAT Scratch) or KD (QAT KD, Layer+KD) float student; KD rows distil during QAT. "
         "Teachers: where the KD rows' teacher logits came from (a cache covering every epoch they train, or "
         "live Ray actors); a KD row and its scratch row see the same augmented views, epoch by epoch.", "",

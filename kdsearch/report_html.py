@@ -28,14 +28,14 @@ import math
 import numbers
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from .io import atomic_write_text
-from .pareto import ACC, SIZE
+from .pareto import ACC, BOPS, COST_UNITS, SIZE
 from .rundir import RunDir
 
 if TYPE_CHECKING:
@@ -48,6 +48,7 @@ NOT_RUN = "not run yet"  # report.md's words (this module is imported by kdsearc
 JOURNAL = "optuna-journal.log"  # search/<this>: where the search keeps its Optuna study
 OLD_ACC = "acc"  # what runs searched before validation accuracy got its own name call it
 VALUE_NAMES = ["size (MB)", "validation accuracy (%)"]  # the Pareto plot's axes: x = size, y = accuracy
+COST_AXIS = {SIZE: "size (MB)", BOPS: "BOPs (GBOPs)"}  # x of the plot against each cost
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1300px;color:#222;padding:0 1em}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
 .note{color:#555;font-size:.92em}.missing{color:#a33;font-style:italic}
@@ -82,7 +83,7 @@ def _journal_samples(path: Path) -> list[dict[str, Any]]:
             t.state.name, t.state.name.lower())
         acc = a.get(ACC, a.get(OLD_ACC, t.values[0] if t.values else math.nan))
         out.append({"number": t.number, "status": status, ACC: acc,
-                    SIZE: a.get(SIZE, math.nan), "avg_bits": a.get("avg_bits", math.nan),
+                    SIZE: a.get(SIZE, math.nan), BOPS: a.get(BOPS, math.nan), "avg_bits": a.get("avg_bits", math.nan),
                     "bits": dict(a.get("bits") or t.params), "params": dict(t.params),
                     "distributions": dict(t.distributions)})
     return out
@@ -100,7 +101,8 @@ def _table_samples(results: pd.DataFrame) -> list[dict[str, Any]]:
     for r in results.sort_values("number").to_dict("records"):
         bits = {c.removeprefix("bits."): int(r[c]) for c in cols}
         out.append({"number": int(r["number"]), "status": str(r["status"]), ACC: r.get(ACC, r.get(OLD_ACC, math.nan)),
-                    SIZE: r.get(SIZE, math.nan), "avg_bits": r.get("avg_bits", math.nan), "bits": bits,
+                    SIZE: r.get(SIZE, math.nan), BOPS: r.get(BOPS, math.nan), "avg_bits": r.get("avg_bits", math.nan),
+                    "bits": bits,
                     "params": {n: b for n, b in bits.items() if n in dists}, "distributions": dists})
     return out
 
@@ -109,8 +111,8 @@ def _finite(v: Any) -> bool:
     return isinstance(v, numbers.Real) and math.isfinite(v)
 
 
-def view_study(samples: Iterable[dict[str, Any]]) -> "optuna.Study":
-    """An in-memory study (accuracy max, size min) with one trial per sample number, in order: completed
+def view_study(samples: Iterable[dict[str, Any]], cost: str = SIZE) -> "optuna.Study":
+    """An in-memory study (accuracy max, `cost` min: SIZE or BOPS) with one trial per sample number, in order: completed
     samples COMPLETE with their values, pruned ones PRUNED, everything else (infeasible, duplicate, running,
     error, retried, a number with no sample) FAIL, so Optuna's plots ignore it and trial numbers still match."""
     import optuna
@@ -128,25 +130,29 @@ def view_study(samples: Iterable[dict[str, Any]]) -> "optuna.Study":
         attrs = {"bits": ", ".join(f"{k} {v}" for k, v in s["bits"].items())}
         if _finite(s.get("avg_bits")):
             attrs["avg_bits"] = round(float(s["avg_bits"]), 3)
-        done = s["status"] == "completed" and _finite(s.get(ACC)) and _finite(s.get(SIZE))
+        done = s["status"] == "completed" and _finite(s.get(ACC)) and _finite(s.get(cost))
         state = TrialState.COMPLETE if done else TrialState.PRUNED if s["status"] == "pruned" else TrialState.FAIL
         if not done:  # kept for the pruned points of the Pareto plot, and for anyone reading the view
-            attrs.update({"status": s["status"], **{k: float(s[k]) for k in (ACC, SIZE) if _finite(s.get(k))}})
-        study.add_trial(create_trial(state=state, values=[float(s[ACC]), float(s[SIZE])] if done else None,
+            attrs.update({"status": s["status"], **{k: float(s[k]) for k in (ACC, cost) if _finite(s.get(k))}})
+        study.add_trial(create_trial(state=state, values=[float(s[ACC]), float(s[cost])] if done else None,
                                      params=s["params"], distributions=s["distributions"], user_attrs=attrs))
     return study
 
 
-def load_view_study(run_dir: Path) -> tuple["optuna.Study | None", str]:
-    """The view study of the run's search and a sentence saying where it came from; (None, why) before one."""
+def load_view_study(run_dir: Path, cost: str = SIZE) -> tuple["optuna.Study | None", str]:
+    """The view study of the run's search against `cost` and a sentence saying where it came from; (None, why)
+    before one. Against BOPS, None also when the search recorded no BOPs (a search from before them)."""
     search = RunDir(run_dir).search_dir
     journal, table = search / JOURNAL, search / "results.parquet"
     samples = _journal_samples(journal) if journal.is_file() else []
-    if samples:
-        return view_study(samples), f"the search's Optuna journal (search/{JOURNAL})"
-    if table.is_file():  # a run from before the journal, or a journal with no trial in it yet
-        return view_study(_table_samples(pd.read_parquet(table))), "rebuilt from search/results.parquet"
-    return None, NOT_RUN
+    source = f"the search's Optuna journal (search/{JOURNAL})"
+    if not samples and table.is_file():  # a run from before the journal, or a journal with no trial in it yet
+        samples, source = _table_samples(pd.read_parquet(table)), "rebuilt from search/results.parquet"
+    if not samples:
+        return None, NOT_RUN
+    if not any(_finite(s.get(cost)) for s in samples):
+        return None, f"the search recorded no {COST_AXIS[cost]}"
+    return view_study(samples, cost), source
 
 
 def _completed(study: "optuna.Study") -> int:
@@ -157,16 +163,17 @@ def _completed(study: "optuna.Study") -> int:
 
 # -- the figures -----------------------------------------------------------------------------------------
 
-def pareto_figure(study: "optuna.Study", budgets: list[float]) -> "go.Figure":
-    """Optuna's Pareto front with size on x: hovering a point shows its per-layer bits (its `bits` user
-    attribute); pruned samples (their last accuracy) and the spec's size budgets (dashed) are drawn over it."""
+def pareto_figure(study: "optuna.Study", budgets: list[float], cost: str = SIZE) -> "go.Figure":
+    """Optuna's Pareto front with size (or BOPs: `cost`) on x: hovering a point shows its per-layer bits (its
+    `bits` user attribute); pruned samples (their last accuracy) and the spec's budgets (dashed) are drawn
+    over it."""
     import optuna
     from optuna.trial import TrialState
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         fig = optuna.visualization.plot_pareto_front(study, targets=lambda t: (t.values[1], t.values[0]),
-                                                     target_names=VALUE_NAMES)
+                                                     target_names=[COST_AXIS[cost], VALUE_NAMES[1]])
     front = []
     for trace in fig.data:  # Optuna colours points by trial number (white for trial 0): one colour per kind
         best = "Best Trial" in (trace.hovertemplate or "")
@@ -179,18 +186,19 @@ def pareto_figure(study: "optuna.Study", budgets: list[float]) -> "go.Figure":
         fig.add_scatter(x=[x for x, _ in front], y=[y for _, y in front], mode="lines", line_shape="hv",
                         line={"color": "#d62728", "width": 1}, hoverinfo="skip", showlegend=False)
     pruned = [t for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
-              if _finite(t.user_attrs.get(ACC)) and _finite(t.user_attrs.get(SIZE))]
+              if _finite(t.user_attrs.get(ACC)) and _finite(t.user_attrs.get(cost))]
     if pruned:
-        fig.add_scatter(x=[t.user_attrs[SIZE] for t in pruned], y=[t.user_attrs[ACC] for t in pruned],
+        fig.add_scatter(x=[t.user_attrs[cost] for t in pruned], y=[t.user_attrs[ACC] for t in pruned],
                         mode="markers", name="pruned (last accuracy)",
                         marker={"symbol": "x", "color": "#999", "size": 8},
                         text=[f"trial {t.number} (pruned)<br>{t.user_attrs['bits']}" for t in pruned],
                         hovertemplate="%{text}<extra></extra>")
     for b in budgets:
-        fig.add_vline(x=b, line_dash="dash", line_color="#333", annotation_text=f"budget {b:g} MB",
+        fig.add_vline(x=b, line_dash="dash", line_color="#333", annotation_text=f"budget {b:g} {COST_UNITS[cost]}",
                       annotation_position="top left")
     fig.update_layout(legend={"orientation": "h", "x": 0, "y": -0.2})
-    fig.update_layout(title="Search: validation accuracy vs size (hover a point for its bits per layer)")
+    fig.update_layout(title=f"Search: validation accuracy vs {'size' if cost == SIZE else 'BOPs'} "
+                            "(hover a point for its bits per layer)")
     return fig
 
 
@@ -279,11 +287,21 @@ def _figure(fig: "go.Figure", name: str) -> str:
     return f'<div class="figure" data-figure="{name}">{body}</div>'
 
 
-def _search_sections(run_dir: Path, budgets: list[float]) -> list[str]:
+def _bops_section(run_dir: Path, budgets_gbops: list[float]) -> list[str]:
+    """The front against BOPs (GBOPs = 10^9 MACs x weight bits x activation bits), when the search recorded them."""
+    study, why = load_view_study(run_dir, BOPS)
+    n = _completed(study) if study is not None else 0
+    return ["<h2>Search: accuracy vs BOPs</h2>",
+            _figure(pareto_figure(study, budgets_gbops, BOPS), "pareto_bops") if n
+            else _missing(why if study is None else "no completed trial yet")]
+
+
+def _search_sections(run_dir: Path, budgets: list[float], budgets_gbops: Sequence[float] = ()) -> list[str]:
     study, source = load_view_study(run_dir)
     if study is None:
-        return ["<h2>Search: accuracy vs size</h2>", _missing(NOT_RUN), "<h2>Which layers matter</h2>",
-                _missing(NOT_RUN), "<h2>Search history</h2>", _missing(NOT_RUN)]
+        return ["<h2>Search: accuracy vs size</h2>", _missing(NOT_RUN), "<h2>Search: accuracy vs BOPs</h2>",
+                _missing(NOT_RUN), "<h2>Which layers matter</h2>", _missing(NOT_RUN), "<h2>Search history</h2>",
+                _missing(NOT_RUN)]
     n = _completed(study)
     table_path = RunDir(run_dir).search_dir / "results.parquet"
     results = pd.read_parquet(table_path) if table_path.is_file() else None
@@ -291,6 +309,7 @@ def _search_sections(run_dir: Path, budgets: list[float]) -> list[str]:
            f'<p class="note">Study: {html.escape(source, quote=False)}; {len(study.trials)} samples, {n} trained '
            "to the end (the other samples were pruned, over budget, duplicates, failed or still running).</p>",
            _figure(pareto_figure(study, budgets), "pareto") if n else _missing("no completed trial yet"),
+           *_bops_section(run_dir, list(budgets_gbops)),
            "<h2>Which layers matter</h2>"]
     if n >= 2:
         out += ['<p class="note">Optuna\'s parameter importances (PED-ANOVA) of each searched layer\'s bit-width '
@@ -314,6 +333,7 @@ def render_html(run_dir: str | Path, table: pd.DataFrame) -> str:
     p = check_run_dir(run_dir)
     spec = run_spec(p)
     budgets = [float(b) for b in (spec.get("search") or {}).get("budgets_mb") or []]
+    budgets_gbops = [float(b) for b in (spec.get("search") or {}).get("budgets_gbops") or []]
     sens = p / "sensitivity" / "sensitivity.parquet"
     name = html.escape(str(spec.get("name", p.name)))
     parts = [f"<h1>kdsearch report: {name}</h1>",
@@ -322,8 +342,9 @@ def render_html(run_dir: str | Path, table: pd.DataFrame) -> str:
              "test accuracy is read once per listed model.</p>",
              "<h2>Results</h2>", table.to_html(index=False, classes="results", border=0, escape=True),
              '<p class="note">Test acc.: mean ± sample std over the n seeds; Val acc.: what ranked the model; '
-             "Size: the size model (MB = 10^6 bytes); File: the exported .kdq on disk.</p>",
-             *_search_sections(p, budgets),
+             "Size: the size model (MB = 10^6 bytes); File: the exported .kdq on disk; GBOPs: 10^9 bit operations "
+             "(MACs x weight bits x activation bits, HAWQ-V3) on one image.</p>",
+             *_search_sections(p, budgets, budgets_gbops),
              "<h2>Layer sensitivity</h2>",
              _figure(sensitivity_figure(pd.read_parquet(sens)), "sensitivity") if sens.is_file() else _missing(NOT_RUN)]
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>kdsearch report: {name}</title>'

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_serializer,
+                      model_validator)
 
 from .io import atomic_write_text, stable_hash
 from .strategy_names import DEFAULT_STRATEGY, STRATEGY_NAMES
@@ -276,7 +277,10 @@ class SensitivityConfig(_Cfg):
 
 
 class SearchConfig(_Cfg):
-    budgets_mb: tuple[float, ...] = Field(..., min_length=1)  # hard size budgets (MB = 1e6 bytes); the first drives the search
+    # Hard budgets; at least one kind must be given. The first of each kind constrains the search (both at once
+    # when both are given); the others are finalize's and the report's "best within budget" lines.
+    budgets_mb: tuple[float, ...] = ()  # size (MB = 1e6 bytes, kdsearch/quant/size.py)
+    budgets_gbops: tuple[float, ...] = ()  # compute (GBOPs = 1e9 MACs x b_w x b_a, kdsearch/quant/bops.py)
     num_trials: int = Field(32, ge=1)
     trial_epochs: int = Field(2, ge=1)
     trial: TrainConfig = TrainConfig(epochs=2, lr=0.005, weight_decay=5e-5)
@@ -289,12 +293,25 @@ class SearchConfig(_Cfg):
     grace_period: int = Field(1, ge=1)
     max_failures: int = Field(2, ge=0)
 
-    @field_validator("budgets_mb")
+    @field_validator("budgets_mb", "budgets_gbops")
     @classmethod
-    def _positive(cls, v: tuple[float, ...]) -> tuple[float, ...]:
-        if any(b <= 0 for b in v):
-            raise ValueError(f"budgets must be > 0 MB (got {list(v)})")
+    def _positive(cls, v: tuple[float, ...], info: ValidationInfo) -> tuple[float, ...]:
+        unit = "MB" if info.field_name == "budgets_mb" else "GBOPs"
+        if any(not b > 0 or b == float("inf") for b in v):
+            raise ValueError(f"budgets must be finite and > 0 {unit} (got {list(v)})")
+        if not v and info.field_name == "budgets_gbops" and not info.data.get("budgets_mb", True):
+            raise ValueError("no budget given: set search.budgets_mb (sizes in MB), search.budgets_gbops "
+                             "(compute in GBOPs) or both, e.g. budgets_mb: [1.38]")
         return v
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        # A spec without BOPs budgets dumps as it did before they existed: its stage keys (hashes of the dump)
+        # stay the same, so a run started before BOPs resumes instead of searching again.
+        d = handler(self)
+        if not d.get("budgets_gbops"):
+            d.pop("budgets_gbops", None)
+        return d
 
     @model_validator(mode="after")
     def _epochs(self) -> "SearchConfig":

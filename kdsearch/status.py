@@ -85,7 +85,8 @@ def run_status(run_dir: str | Path, *, front_rows: int = 10, rich: bool = False)
     data, search = spec.get("data") or {}, spec.get("search") or {}
     student = (spec.get("student") or {}).get("arch", "?")
     out = [f"run {p} (spec {spec.get('name', '?')}: {data.get('dataset', '?')} data, student {student}, "
-           f"budgets {search.get('budgets_mb', '?')} MB)", "", "stages:"]
+           f"budgets {search.get('budgets_mb', '?')} MB"
+           + (f", {search['budgets_gbops']} GBOPs" if search.get("budgets_gbops") else "") + ")", "", "stages:"]
     width = max(len(n) for n, _, _ in stage_rows(p))
     for name, state, detail in stage_rows(p):
         out.append(f"  {name:<{width}}  {state:<11} {detail}".rstrip())

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import pandas as pd
 
-# Column formats of a Pareto front (the search's tables): accuracy %, size MB, average bits, seconds.
-FRONT_FORMAT: dict[str, str] = {"val_acc": ".2f", "size_mb": ".4f", "avg_bits": ".2f", "wall_s": ".0f"}
+# Column formats of a Pareto front (the search's tables): accuracy %, size MB, GBOPs, average bits, seconds.
+FRONT_FORMAT: dict[str, str] = {"val_acc": ".2f", "size_mb": ".4f", "gbops": ".4g", "avg_bits": ".2f", "wall_s": ".0f"}
 
 
 def format_cell(value: Any, fmt: str = ".4g") -> str:

@@ -29,6 +29,9 @@ CASES = [
       "--set", "data.root=/nonexistent/c", "--set", "data.num_classes=null"], "cifar"),
     (["train", "smoke", "--model", "resnet99"], "--model 'resnet99'"),
     (["validate", "smoke", "--set", "search.budgets_mb=[0.001]"], "below the smallest size tiny_cnn can reach"),
+    (["validate", "smoke", "--set", "search.budgets_gbops=[1, 0.01]"],
+     "spec field 'search.budgets_gbops[1]': 0.01 GBOPs is below the smallest BOPs tiny_cnn can reach"),
+    (["validate", "smoke", "--set", "search.budgets_mb=[]"], "spec field 'search.budgets_gbops': no budget given"),
     (["validate", "smoke", "--set", "quant.pin={layer9: 8}"], "spec field 'quant.pin'"),
     (["status", "/nonexistent/run"], "run directory"),
 ]
@@ -79,12 +82,12 @@ def make_run_dir(root: Path) -> Path:
     (run / "spec.yaml").write_text((builtin_spec_dir() / "smoke.yaml").read_text())
     (run / "manifest.json").write_text(json.dumps({"stages": {"teachers": {"finished": "2025-01-01T10:00:00",
                                                                            "seconds": 42.0}}}))
-    rows = [  # number, trial_id, status, size_mb, avg_bits, acc, epochs, wall_s, epoch_s, finished_seq, retry_of
-        (0, "t0", "completed", 0.0150, 5.0, 61.25, 1, 30.0, 30.0, 0, -1),
-        (1, "t1", "completed", 0.0180, 6.5, 70.50, 1, 31.0, 31.0, 1, -1),
-        (2, "t2", "completed", 0.0190, 7.0, 65.00, 1, 29.0, 29.0, 2, -1),  # dominated by t1
-        (3, "t3", "running", float("nan"), float("nan"), float("nan"), 0, 5.0, float("nan"), -1, -1),
-        (4, "t4", "infeasible", 0.0300, 8.0, float("nan"), 0, float("nan"), float("nan"), -1, -1),
+    rows = [  # number, trial_id, status, size_mb, gbops, avg_bits, acc, epochs, wall_s, epoch_s, finished_seq, retry_of
+        (0, "t0", "completed", 0.0150, 0.30, 5.0, 61.25, 1, 30.0, 30.0, 0, -1),  # dominated by t2 in BOPs
+        (1, "t1", "completed", 0.0180, 0.40, 6.5, 70.50, 1, 31.0, 31.0, 1, -1),
+        (2, "t2", "completed", 0.0190, 0.20, 7.0, 65.00, 1, 29.0, 29.0, 2, -1),  # dominated by t1 in size
+        (3, "t3", "running", float("nan"), float("nan"), float("nan"), float("nan"), 0, 5.0, float("nan"), -1, -1),
+        (4, "t4", "infeasible", 0.0300, 0.9, 8.0, float("nan"), 0, float("nan"), float("nan"), -1, -1),
     ]
     df = pd.DataFrame(rows, columns=BASE_COLUMNS)
     bits = [(8, 4, 8), (8, 8, 8), (8, 8, 4), (8, 2, 8), (16, 16, 16)]  # per row: conv1, conv2, fc
@@ -255,18 +258,40 @@ def test_status_and_pareto_print_the_same_markdown_tables_off_a_terminal(run_dir
     assert main(["status", str(run_dir)]) == 0
     status = capsys.readouterr().out
     assert "\x1b[" not in pareto + status  # no ANSI codes in a pipe or a file
-    assert pareto.splitlines()[:2] == ["| number | trial_id | val_acc | size_mb | avg_bits | epochs | wall_s | bits |",
-                                       "|---|---|---|---|---|---|---|---|"]
-    assert pareto.splitlines()[2:] == ["| 0 | t0 | 61.25 | 0.0150 | 5.00 | 1 | 30 | 8/4/8 |",
-                                       "| 1 | t1 | 70.50 | 0.0180 | 6.50 | 1 | 31 | 8/8/8 |"]
+    assert pareto.splitlines()[:2] == [
+        "| number | trial_id | val_acc | size_mb | gbops | avg_bits | epochs | wall_s | bits |",
+        "|---|---|---|---|---|---|---|---|---|"]
+    assert pareto.splitlines()[2:] == ["| 0 | t0 | 61.25 | 0.0150 | 0.3 | 5.00 | 1 | 30 | 8/4/8 |",
+                                       "| 1 | t1 | 70.50 | 0.0180 | 0.4 | 6.50 | 1 | 31 | 8/8/8 |"]
     front = status.split("current Pareto front (2 trials):\n", 1)[1]
-    assert front.splitlines()[:4] == ["| number | val_acc | size_mb | avg_bits | epochs | wall_s | bits |",
-                                      "|---|---|---|---|---|---|---|",
-                                      "| 0 | 61.25 | 0.0150 | 5.00 | 1 | 30 | 8/4/8 |",
-                                      "| 1 | 70.50 | 0.0180 | 6.50 | 1 | 31 | 8/8/8 |"]
+    assert front.splitlines()[:4] == ["| number | val_acc | size_mb | gbops | avg_bits | epochs | wall_s | bits |",
+                                      "|---|---|---|---|---|---|---|---|",
+                                      "| 0 | 61.25 | 0.0150 | 0.3 | 5.00 | 1 | 30 | 8/4/8 |",
+                                      "| 1 | 70.50 | 0.0180 | 0.4 | 6.50 | 1 | 31 | 8/8/8 |"]
     assert main(["pareto", str(run_dir), "--brief"]) == 0
     brief = capsys.readouterr().out.splitlines()
-    assert brief[0] == "| number | trial_id | val_acc | size_mb | avg_bits | epochs | wall_s |"
+    assert brief[0] == "| number | trial_id | val_acc | size_mb | gbops | avg_bits | epochs | wall_s |"
+
+
+def test_pareto_in_size_or_in_bops(run_dir, capsys):
+    """--cost bops: the front of accuracy against GBOPs (another front); a search from before BOPs says so."""
+    import pandas as pd
+
+    assert main(["pareto", str(run_dir), "--cost", "bops", "--brief"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2:] == ["| 2 | t2 | 65.00 | 0.0190 | 0.2 | 7.00 | 1 | 29 |",
+                         "| 1 | t1 | 70.50 | 0.0180 | 0.4 | 6.50 | 1 | 31 |"]
+    assert main(["pareto", str(run_dir), "--cost", "size", "--brief"]) == 0
+    assert [ln.split(" | ")[1] for ln in capsys.readouterr().out.splitlines()[2:]] == ["t0", "t1"]
+    (run_dir / "search" / "summary.json").write_text(json.dumps({"budget_gbops": 0.5, "cost": "gbops"}))
+    assert main(["pareto", str(run_dir), "--brief"]) == 0  # a BOPs-budgeted search: its own cost by default
+    assert [ln.split(" | ")[1] for ln in capsys.readouterr().out.splitlines()[2:]] == ["t2", "t1"]
+    results = run_dir / "search" / "results.parquet"
+    pd.read_parquet(results).drop(columns=["gbops"]).to_parquet(results)
+    assert main(["pareto", str(run_dir), "--cost", "bops"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "has no BOPs column" in err and "--cost size" in err, err
+    assert main(["pareto", str(run_dir), "--cost", "size"]) == 0
 
 
 def test_on_a_terminal_both_draw_rich_tables_with_the_same_cells(run_dir, capsys, monkeypatch):
@@ -281,5 +306,5 @@ def test_on_a_terminal_both_draw_rich_tables_with_the_same_cells(run_dir, capsys
     for text in (pareto, status):
         assert "|---|" not in text and "─" in text  # drawn by rich, not markdown
         plain = re.sub(r"\x1b\[[0-9;]*m", "", text)
-        assert re.search(r"\b1 +t1 +70\.50 +0\.0180 +6\.50 +1 +31 +8/8/8\b", plain) or \
-            re.search(r"\b1 +70\.50 +0\.0180 +6\.50 +1 +31 +8/8/8\b", plain), plain
+        assert re.search(r"\b1 +t1 +70\.50 +0\.0180 +0\.4 +6\.50 +1 +31 +8/8/8\b", plain) or \
+            re.search(r"\b1 +70\.50 +0\.0180 +0\.4 +6\.50 +1 +31 +8/8/8\b", plain), plain

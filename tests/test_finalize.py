@@ -51,7 +51,8 @@ def tiny_spec(**quant) -> Spec:
 def _trial(number, status, bits, space, acc=None, epoch=1, wall=3.0, seq=-1):
     from optuna.trial import TrialState, create_trial
 
-    attrs = {"status": status, "bits": bits, "size_mb": space.size_mb(bits), "avg_bits": space.avg_bits(bits),
+    attrs = {"status": status, "bits": bits, "size_mb": space.size_mb(bits), "gbops": space.gbops(bits),
+             "avg_bits": space.avg_bits(bits),
              "epoch": epoch, "wall_s": wall, "finished_seq": seq, "trial_id": f"t{number}"}
     if acc is not None:
         attrs[ACC] = acc

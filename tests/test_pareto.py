@@ -105,3 +105,20 @@ def test_plot_pareto_writes_png(tmp_path) -> None:
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="size_mb"):
         Marker("bad", 0.0)
+
+
+def test_plot_pareto_adds_a_bops_panel(tmp_path) -> None:
+    import matplotlib.image
+
+    from kdsearch.pareto import BOPS
+    from kdsearch.plots import Marker, plot_pareto
+
+    df = pd.DataFrame({"status": ["completed", "completed", "pruned"], ACC: [80.0, 85.0, 60.0],
+                       SIZE: [0.02, 0.03, 0.025], BOPS: [0.3, 0.2, 0.25]})
+    one = plot_pareto(df.drop(columns=[BOPS]), tmp_path / "size.png", budget_mb=0.05)
+    two = plot_pareto(df, tmp_path / "both.png", budget_mb=0.05, budget_gbops=0.35,
+                      markers=[Marker("uniform 8-bit", 0.04, 86.0, gbops=0.4), Marker("no bops", 0.08)])
+    w1, w2 = (matplotlib.image.imread(p).shape[1] for p in (one, two))
+    assert w2 > 1.8 * w1  # a second panel, against GBOPs
+    with pytest.raises(ValueError, match="gbops"):
+        Marker("bad", 0.1, gbops=float("nan"))

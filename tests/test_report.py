@@ -16,7 +16,10 @@ from kdsearch.progress import (
     format_search,
     progress_line,
 )
+from kdsearch.models import create_model
+from kdsearch.quant import BitConfig, layer_inventory, model_bops
 from kdsearch.report import render_report, write_report
+from kdsearch.row_costs import parse_bits
 from kdsearch.status import RunDirError, run_status
 from test_finalize import BUDGET, build_run, tiny_spec
 
@@ -36,7 +39,7 @@ def _rows(md: str) -> dict[tuple[str, str], list[str]]:
     out = {}
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 10 and cells[0] not in ("Configuration", "---"):
+        if len(cells) == 11 and cells[0] not in ("Configuration", "---"):
             out[(cells[0], cells[1])] = cells[2:]
     return out
 
@@ -49,9 +52,15 @@ def test_report_has_every_seed_row_with_numbers(run) -> None:
     rows = _rows(md)
     assert list(rows)[: len(SEED_ROWS)] == SEED_ROWS
     final = pd.read_parquet(ctx.run_dir / "final" / "final.parquet").set_index("id")
+    student = create_model("tiny_cnn", num_classes=4)
+    inv = layer_inventory(student, input_size=(3, 32, 32))
     for key, cells in rows.items():
-        acc, n, val, size, file_bytes, avg_bits, teachers, model = cells
+        acc, n, val, size, gbops, file_bytes, avg_bits, teachers, model = cells
         assert float(acc) >= 0 and float(size) > 0 and float(avg_bits) > 0  # every row has numbers here
+        # GBOPs: MACs x weight bits x activation bits (the spec's act_bits 8; 16-bit layers 16 x 16; FP32 32 x 32)
+        cfg = BitConfig.uniform(inv, 32) if not model.startswith("final/") else BitConfig(
+            parse_bits(final.loc[model.removeprefix("final/").removesuffix(".s*.kdq"), "bits"]))
+        assert gbops == f"{model_bops(student, cfg, act_bits=8).gbops:.4g}"
         assert int(n) == len(spec.seeds) and float(val) >= 0
         if model.startswith("final/"):
             r = final.loc[model.removeprefix("final/").removesuffix(".s*.kdq")]

@@ -18,7 +18,7 @@ from test_finalize import BUDGET, SMALL_BUDGET, build_run, tiny_spec
 
 pytest.importorskip("plotly")
 
-FIGURES = ["pareto", "importance", "history", "hypervolume", "sensitivity"]
+FIGURES = ["pareto", "pareto_bops", "importance", "history", "hypervolume", "sensitivity"]
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,7 @@ def test_report_html_beside_report_md_with_every_part(run, page) -> None:
     assert "pruned (last accuracy)" in text and "trial 2 (pruned)" in text  # trial 2 stopped early: drawn too
     for budget in (BUDGET, SMALL_BUDGET):  # the spec's size budgets, drawn on the front
         assert f"budget {budget:g} MB" in text
+    assert "Search: accuracy vs BOPs" in text and "BOPs (GBOPs)" in text and ">GBOPs</th>" in text
 
 
 def test_view_study_keeps_numbers_and_only_trained_trials_count(run) -> None:
@@ -122,7 +123,8 @@ def test_partial_runs_say_not_run_yet(tmp_path) -> None:
     run_dir = _partial_run(tmp_path)
     text = _render(run_dir)
     assert _figures(text) == []
-    for part in ("Search: accuracy vs size", "Which layers matter", "Search history", "Layer sensitivity"):
+    for part in ("Search: accuracy vs size", "Search: accuracy vs BOPs", "Which layers matter", "Search history",
+                 "Layer sensitivity"):
         assert re.search(f"<h2>{part}</h2>\\s*<p class=\"missing\">not run yet</p>", text), part
     assert "Baseline (Scratch)" in text  # the table is there, its rows say "not run yet"
     # one completed trial so far: a front and a history, but no importances yet
@@ -176,3 +178,22 @@ def test_runs_searched_before_the_val_acc_name_still_plot(tmp_path) -> None:
                         {"number": 1, "status": "pruned", "acc": 20.0, "size_mb": 0.03, "avg_bits": 7.0, **bits}])
     study = view_study(_table_samples(old))
     assert study.trials[0].values == [40.0, 0.03] and study.trials[1].user_attrs["val_acc"] == 20.0
+
+
+def test_a_bops_budgeted_search_draws_its_front_and_budget_against_gbops(tmp_path) -> None:
+    run_dir = tmp_path / "runs" / "tiny"
+    run_dir.mkdir(parents=True)
+    spec = tiny_spec()
+    spec = type(spec).model_validate({**spec.to_dict(), "search": {**spec.to_dict()["search"], "budgets_mb": [],
+                                                                   "budgets_gbops": [0.05]}})
+    spec.save(run_dir / "spec.yaml")
+    (run_dir / "search").mkdir()
+    bits = {"bits.conv1": 8, "bits.conv2": 8, "bits.conv3": 4, "bits.fc": 8}
+    pd.DataFrame([{"number": i, "status": "completed", "val_acc": acc, "size_mb": 0.03, "gbops": g, "avg_bits": 7.0,
+                   **bits} for i, (acc, g) in enumerate(((40.0, 0.04), (45.0, 0.03), (30.0, 0.045)))]
+                 ).to_parquet(run_dir / "search" / "results.parquet")
+    text = _render(run_dir)
+    assert _figures(text)[:2] == ["pareto", "pareto_bops"]
+    assert "budget 0.05 GBOPs" in text and "budget 0.05 MB" not in text
+    view, _ = load_view_study(run_dir, "gbops")
+    assert [t.values for t in view.trials] == [[40.0, 0.04], [45.0, 0.03], [30.0, 0.045]]

@@ -20,7 +20,7 @@ import pytest
 from optuna.trial import TrialState
 
 from kdsearch.models import create_model
-from kdsearch.quant import BitConfig, model_size
+from kdsearch.quant import BitConfig, model_bops, model_size
 from kdsearch.search import (BudgetSearch, build_space, define_space, make_sampler, pareto_table, read_results,
                              run_search, uniform_configs, warm_start_points)
 from kdsearch.search.synthetic import SyntheticPayload, synthetic_accuracy, synthetic_trial, toy_space
@@ -88,6 +88,53 @@ def test_exclusions_pins_and_constraint(resnet8) -> None:
         build_space(resnet8, quant, budget_mb=0.001)
     with pytest.raises(ValueError, match="unknown layers"):
         build_space(resnet8, quant, budget_mb=0.05, excluded={"nope": [2]})
+
+
+def test_space_bops_is_model_bops_and_both_budgets_constrain(resnet8) -> None:
+    """The BOPs constraint's arithmetic equals model_bops (on the data's image shape); with both budgets a
+    configuration is feasible only within both, and Optuna gets one constraint per budget."""
+    quant = QuantConfig(bits=(8, 4, 2), act_bits=8, pin={"first": 8, "last": 8})
+    space = build_space(resnet8, quant, budget_mb=0.05, budget_gbops=0.45, input_size=(3, 40, 24))
+    assert space.cost == "size" and space.budget_bops == 450_000_000
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(16):
+        t = study.ask()
+        bits = define_space(t, space)
+        assert space.bops_total(bits) == model_bops(resnet8, BitConfig(bits), act_bits=8,
+                                                    input_size=(3, 40, 24)).total_bops
+        size_ok = t.constraints["size_over_budget_mb"] <= 0
+        bops_ok = t.constraints["bops_over_budget_gbops"] <= 0
+        assert bops_ok == (space.bops_total(bits) <= space.budget_bops)
+        assert space.feasible(bits) == (size_ok and bops_ok)
+        seen.add((size_ok, bops_ok))
+    assert len(seen) >= 3  # each budget rules out configurations the other allows
+    alone = build_space(resnet8, quant, budget_mb=None, budget_gbops=0.45, input_size=(3, 40, 24))
+    assert alone.cost == "bops" and alone.budget == 0.45 and alone.budget_bytes is None
+    t = study.ask()
+    define_space(t, alone)
+    assert list(t.constraints) == ["bops_over_budget_gbops"]
+    with pytest.raises(ValueError, match="budgets_gbops.*below the smallest reachable BOPs"):
+        build_space(resnet8, quant, budget_mb=None, budget_gbops=0.1)
+
+
+def test_space_and_writer_pickled_before_bops_restore_as_size_only(tmp_path) -> None:
+    """A Tune experiment snapshot from before BOPs holds a space and a writer without the new attributes."""
+    from kdsearch.search.results import ResultsWriter
+
+    space = toy_space(layers=4, budget_fraction=0.6)
+    old = pickle.loads(pickle.dumps(space))
+    for k in ("bops", "budget_gbops"):
+        del old.__dict__[k]
+    bits = {n: 8 for n in old.layers}
+    assert old.cost == "size" and old.violations(bits).keys() == {"size_over_budget_mb"}
+    assert old.feasible(bits) == space.feasible(bits) and old.bops_total(bits) is None
+    writer = ResultsWriter(tmp_path, space.layers, space.budget_mb)
+    state = writer.__getstate__()
+    del state["budget_gbops"]
+    restored = ResultsWriter.__new__(ResultsWriter)
+    restored.__setstate__(state)
+    assert restored.cost == "size_mb" and restored.budget == space.budget_mb
 
 
 def test_warm_starts_are_snapped_and_kept_in_budget(resnet8) -> None:
@@ -160,6 +207,42 @@ def test_searcher_tells_optuna_pruned_infeasible_and_failed(tmp_path) -> None:
     hv = df.loc[df["status"] == "completed"].sort_values("finished_seq")["hypervolume"].to_numpy()
     assert np.all(np.diff(hv) >= 0) and len(hv) == 7
     assert len(pareto_table(tmp_path)) >= 1
+
+
+@pytest.mark.parametrize("size_fraction", [None, 0.7])
+def test_searcher_under_a_bops_budget(tmp_path, size_fraction) -> None:
+    """A BOPs budget alone (the second objective becomes GBOPs) or beside a size budget (both constrain)."""
+    from kdsearch.search.results import ResultsWriter, read_summary
+
+    space = toy_space(layers=5, budget_fraction=size_fraction, gbops_fraction=0.45)
+    writer = ResultsWriter(tmp_path, space.layers, space.budget_mb, budget_gbops=space.budget_gbops)
+    search = BudgetSearch(space, sampler=make_sampler("tpe", 1, 10), trial_epochs=2, writer=writer)
+    configs = _drive(search, 10, epochs=2)
+    search.flush()
+    assert configs and all(space.feasible(c["bits"]) for c in configs)
+    df = read_results(tmp_path)
+    done = df[df["status"] == "completed"]
+    assert len(done) and (done["gbops"] <= space.budget_gbops).all()
+    assert done["gbops"].tolist() == [space.gbops(BitConfig.from_row(r)) for _, r in done.iterrows()]
+    cost = "gbops" if size_fraction is None else "size_mb"
+    states = {t.number: t for t in search.study.trials}
+    for _, row in done.iterrows():
+        assert states[row["number"]].values[1] == pytest.approx(row[cost])
+    for _, row in df[df["status"] == "infeasible"].iterrows():
+        c = states[row["number"]].constraints
+        assert row["gbops"] > space.budget_gbops or row["size_mb"] > space.budget_mb
+        assert c["bops_over_budget_gbops"] > 0 or c["size_over_budget_mb"] > 0
+    summary = read_summary(tmp_path)
+    assert summary["cost"] == cost and summary["budget_gbops"] == space.budget_gbops
+    assert summary["reference_point"][1] == pytest.approx(1.1 * (space.budget_gbops if size_fraction is None
+                                                                 else space.budget_mb))
+    assert pd.read_parquet(tmp_path / "pareto.parquet")[cost].is_monotonic_increasing
+    by_bops, by_size = pareto_table(tmp_path, cost="bops"), pareto_table(tmp_path, cost="size")
+    assert by_bops["gbops"].is_monotonic_increasing and by_size["size_mb"].is_monotonic_increasing
+    assert by_bops["val_acc"].is_monotonic_increasing and by_size["val_acc"].is_monotonic_increasing
+    assert len(pareto_table(tmp_path)) == len(by_bops if size_fraction is None else by_size)
+    with pytest.raises(ValueError, match="cost must be one of"):
+        pareto_table(tmp_path, cost="flops")
 
 
 def test_searcher_skips_duplicates_and_stops_when_exhausted() -> None:

@@ -273,3 +273,51 @@ def test_students_stage_ranks_candidates_and_caches(tmp_path, ray_session):
     cached = students_stage(spec, ctx)  # second call reuses the cached row
     assert cached.equals(df)
     assert selection_markdown(df).count("\n|") >= 2
+
+
+def test_bops_warm_starts_are_the_exact_optimum_on_the_bops_column():
+    from kdsearch.sensitivity.priors import warm_starts_bops
+
+    t = pd.DataFrame([  # bytes and BOPs disagree: layer a holds the bytes, layer b does the compute
+        {"layer": "a", "bits": 8, "bytes": 800, "bops": 8_000, "omega_kl": 0.1},
+        {"layer": "a", "bits": 4, "bytes": 400, "bops": 4_000, "omega_kl": 1.0},
+        {"layer": "b", "bits": 8, "bytes": 80, "bops": 80_000, "omega_kl": 0.2},
+        {"layer": "b", "bits": 4, "bytes": 40, "bops": 40_000, "omega_kl": 3.0},
+    ])
+    starts = warm_starts_bops(t, [50e-6, 85e-6, 1e-6], [1.2])
+    by = {(s["base_budget_gbops"], s["multiple"]): s for s in starts}
+    assert by[(50e-6, 1.0)]["budget_bops"] == 50_000 and by[(50e-6, 1.0)]["bit_config"] == {"a": 8, "b": 4}
+    assert by[(50e-6, 1.2)]["budget_bops"] == 60_000 and by[(50e-6, 1.2)]["total_bops"] == 48_000
+    # 85,000 BOPs: b at 8 bits fits only with a at 4, although a holds the bytes (a size solve would differ)
+    assert by[(85e-6, 1.0)]["bit_config"] == {"a": 4, "b": 8} and by[(85e-6, 1.0)]["total_bops"] == 84_000
+    assert by[(85e-6, 1.0)]["gbops"] == pytest.approx(84e-6)
+    assert not by[(1e-6, 1.0)]["feasible"] and "44000 BOPs" in by[(1e-6, 1.0)]["reason"]
+
+
+def test_priors_add_bops_starts_that_the_search_keeps_within_both_budgets():
+    from kdsearch.quant import layer_inventory, model_bops
+    from kdsearch.search.space import build_space, prior_candidates, warm_start_points
+    from kdsearch.sensitivity import build_priors
+
+    m = _tiny()
+    names = layer_names(m)
+    fixed, costs = layer_byte_costs(m, {n: [8, 4, 2] for n in names}, 8)
+    t = pd.DataFrame([{"layer": n, "bits": b, "bytes": costs[(n, b)], "omega_kl": (i + 1) / b}
+                      for i, n in enumerate(names) for b in (8, 4, 2)])
+    assert "warm_starts_bops" not in build_priors(_spec(0.02), t, fixed, m)  # a size-only run: priors as before
+    inv = layer_inventory(m, input_size=(3, 32, 32))
+    w8 = model_bops(m, BitConfig.uniform(inv, 8), act_bits=8).gbops
+    spec = parse_spec({**_spec(0.02).to_dict(), "search": {"budgets_mb": [0.02], "budgets_gbops": [0.6 * w8]}})
+    priors = build_priors(spec, t, fixed, m)
+    bops_starts = [s for s in priors["warm_starts_bops"] if s["feasible"]]
+    assert [s["multiple"] for s in priors["warm_starts_bops"]] == [1.0, 0.8, 0.9, 1.1, 1.2] and bops_starts
+    for s in bops_starts:
+        cfg = BitConfig(s["bit_config"])
+        assert model_bops(m, cfg, act_bits=8).total_bops == s["total_bops"] <= s["budget_bops"]
+        assert cfg[names[0]] == 8 and cfg[names[-1]] == 8
+    space = build_space(m, spec.quant, 0.02, budget_gbops=0.6 * w8)
+    starts, _ = prior_candidates(priors)
+    assert len(starts) == len([s for key in ("warm_starts", "warm_starts_bops") for s in priors[key] if s["feasible"]])
+    points, dropped = warm_start_points(space, starts)
+    assert points and dropped  # starts solved for one budget that break the other are dropped
+    assert all(space.feasible(space.complete(p)) for p in points)

@@ -45,6 +45,10 @@ BAD = [
     (("teachers", "train", "epochs"), "many", "teachers.train.epochs", "integer"),
     (("teachers", "train", "epochs"), 0, "teachers.train.epochs", "greater than or equal"),
     (("search", "budgets_mb"), [-1], "search.budgets_mb", "> 0"),
+    (("search", "budgets_gbops"), [0], "search.budgets_gbops", "> 0 GBOPs"),
+    (("search", "budgets_gbops"), [float("inf")], "search.budgets_gbops", "finite"),
+    (("search", "budgets_gbops"), "a lot", "search.budgets_gbops", "tuple"),
+    (("search", "budgets_mb"), [], "search.budgets_gbops", "no budget given"),
     (("data", "num_classes"), 100, "data", "num_classes"),
     (("name",), "has space", "name", "pattern"),
     (("student", "gpus"), -1, "student.gpus", "greater than or equal"),
@@ -103,6 +107,21 @@ def test_unknown_spec_name_and_bad_yaml(tmp_path):
     bad.write_text("name: [unclosed\n")
     with pytest.raises(SpecError, match="not valid YAML at line"):
         load_spec(bad)
+
+
+def test_bops_budgets_alone_or_beside_size_budgets(smoke, tmp_path):
+    d = copy.deepcopy(smoke)
+    plain = parse_spec(d)
+    assert plain.search.budgets_gbops == () and "budgets_gbops" not in plain.to_dict()["search"]  # keys as before
+    d["search"] = {**d["search"], "budgets_gbops": [0.5, 1]}
+    both = parse_spec(d)
+    assert both.search.budgets_gbops == (0.5, 1.0) and both.search.budgets_mb == plain.search.budgets_mb
+    assert both.fingerprint("search") != plain.fingerprint("search")
+    del d["search"]["budgets_mb"]
+    alone = parse_spec(d)
+    assert alone.search.budgets_mb == () and parse_spec(alone.to_dict()) == alone
+    alone.save(tmp_path / "s.yaml")
+    assert load_spec(tmp_path / "s.yaml") == alone
 
 
 def test_trial_epochs_single_source(smoke):

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 # check_data and its helpers are torch-free (kdsearch validate); re-exported here, where they always were
 from ..data_checks import (IMG_EXTENSIONS, _FOLDER_LAYOUT, _cache_file, _check_imagefolder,  # noqa: F401
                            _cifar_missing, _cifar_present, _folder_base, _split_class, cache_dir, check_data,
-                           data_root)
+                           data_root, known_image_shape)
 from ..io import atomic_path
 from .arrays import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, DataBundle, DataError,
                      ImageArrays, channel_stats)
@@ -279,3 +279,9 @@ def load_data(cfg: DataConfig, seed: int | None = None) -> DataBundle:
                           f"{version}:{val_tag}")
     raise DataError(f"unknown dataset {ds!r}; choose cifar10, cifar100, imagefolder or synthetic")
 
+
+
+def image_shape(cfg: DataConfig) -> tuple[int, int, int]:
+    """The data's image shape (C, H, W), what BOPs are counted on: from the spec where it says it (CIFAR,
+    synthetic), else from the decoded images (an image folder; ``load_data`` reads its cache)."""
+    return known_image_shape(cfg) or load_data(cfg).image_shape

@@ -4,6 +4,7 @@
     cfg = BitConfig.uniform(inv, 4, pin={"first": 8, "last": 8})  # or a searched {layer: bits} dict
     quantize(model, cfg, act_bits=8, calib=x)                     # in place; then train as usual (QAT)
     model_size(model).total_mb                                    # bytes the exported file holds
+    model_bops(model, input_size=(3, 32, 32)).gbops               # MACs x b_w x b_a (HAWQ-V3), in 10^9
     export_quantized(model, "m.kdq", arch="resnet18"); load_quantized("m.kdq")
     export_onnx(model, "m.onnx", calib=val_images)                # integer ONNX that ORT fuses (checked)
 """
@@ -11,6 +12,7 @@
 from .api import (
     act_bits_of, bit_config_of, calibrate, is_quantized, quantize, quantizer_parameters, reestimate_bn,
 )
+from .bops import BopsReport, LayerBops, bops_costs, gbops_function, model_bops
 from .bitconfig import (
     SUPPORTED_BITS,
     BitConfig,
@@ -42,12 +44,14 @@ from .size import SizeReport, StoredTensor, model_size, storage_plan
 __all__ = [
     "SUPPORTED_BITS",
     "BitConfig",
+    "BopsReport",
     "DeadChannelError",
     "FoldingBatchNorm1d",
     "FusionError",
     "FusionReport",
     "FoldingBatchNorm2d",
     "HalfQuantizer",
+    "LayerBops",
     "LayerInfo",
     "LsqActQuantizer",
     "LsqWeightQuantizer",
@@ -57,6 +61,7 @@ __all__ = [
     "StoredTensor",
     "act_bits_of",
     "bit_config_of",
+    "bops_costs",
     "bypass_quantization",
     "calibrate",
     "check_steps",
@@ -64,6 +69,7 @@ __all__ = [
     "check_fusion",
     "export_onnx",
     "export_quantized",
+    "gbops_function",
     "init_act_step",
     "init_weight_step",
     "input_shape_of",
@@ -73,6 +79,7 @@ __all__ = [
     "lsq_fake_quant",
     "lsq_function",
     "lsq_grad_scale",
+    "model_bops",
     "model_size",
     "pack_bits",
     "quantizable_layers",

@@ -1,9 +1,9 @@
-"""Ray Tune + Optuna search over per-layer bit-widths under a size budget, with Pareto fronts.
+"""Ray Tune + Optuna search over per-layer bit-widths under a size and/or BOPs budget, with Pareto fronts.
 
     run_search(space, cfg, out_dir=..., trainable=..., payload=...)   # Tune + Optuna (the stage: stages/search.py)
-    pareto_table(run_dir)                    # the current front (works while the search runs)
+    pareto_table(run_dir, cost="size")       # the current front, against size or "bops" (works while it runs)
 
-Pieces: `space` (bit-width choices and their exact byte costs), `searcher` (OptunaSearch that skips
+Pieces: `space` (bit-width choices and their exact byte and BOPs costs), `searcher` (OptunaSearch that skips
 over-budget samples and tells Optuna about ASHA-stopped trials), `trial` (resumable QAT+KD trial),
 `results` (tables from the study), `runner` (Tune, restore), `storage` (the study's journal file), `dashboard`,
 `synthetic` (network-free trials for tests and benchmarks). The pipeline stage is `kdsearch.stages.search`.

@@ -7,10 +7,11 @@ reads is the one of the snapshot Tune restores (`storage`), the tables rebuilt f
 exactly the restored search (no stale rows from work lost in a crash).
 
 Files in runs/<name>/search/ (all written atomically, readable while the search runs):
-  results.parquet  one row per sample: number, trial_id, status, bits.<layer>..., size_mb, avg_bits,
+  results.parquet  one row per sample: number, trial_id, status, bits.<layer>..., size_mb, gbops, avg_bits,
                    acc, epochs, wall_s, epoch_s, hypervolume (after this trial completed, else NaN)
-  pareto.parquet   the completed trials on the accuracy-max / size-min front
-  summary.json     counts per status, the hypervolume, the budget and the reference point
+  pareto.parquet   the completed trials on the accuracy-max / cost-min front (the search's cost: size when a
+                   size budget is given, else BOPs; `pareto_table(..., cost=)` gives the other front)
+  summary.json     counts per status, the hypervolume, the cost, the budgets and the reference point
 
 Statuses: running (launched, not finished), completed (all trial epochs), pruned (stopped early by
 ASHA; told to Optuna as PRUNED), error (failed after its retries), infeasible (over the size budget,
@@ -32,12 +33,16 @@ import numpy as np
 import pandas as pd
 
 from ..io import atomic_to_parquet, atomic_write_json
-from ..pareto import ACC, SIZE, hypervolume, pareto_front, reference_point
+from ..pareto import ACC, BOPS, COST_COLUMNS, SIZE, hypervolume, pareto_front, reference_point
 
 LAUNCHED = ("running", "completed", "pruned", "error")
 STATUSES = (*LAUNCHED, "infeasible", "duplicate", "retried")
-BASE_COLUMNS = ["number", "trial_id", "status", SIZE, "avg_bits", ACC, "epochs", "wall_s", "epoch_s", "finished_seq",
-                "retry_of"]
+BASE_COLUMNS = ["number", "trial_id", "status", SIZE, BOPS, "avg_bits", ACC, "epochs", "wall_s", "epoch_s",
+                "finished_seq", "retry_of"]
+
+
+class CostUnavailable(LookupError):
+    """The results hold no column for the asked cost (a search from before BOPs were recorded)."""
 
 
 def search_dir(run_dir: Path) -> Path:
@@ -64,10 +69,11 @@ class HypervolumeHistory:
         return list(self._values)
 
 
-def study_frame(study: Any, layers: list[str] | tuple[str, ...], budget_mb: float,
-                history: HypervolumeHistory | None = None) -> pd.DataFrame:
-    """One row per Optuna trial of `study`, in sample order, with the hypervolume after each completion
-    (`history`: a HypervolumeHistory kept between rebuilds of the same study)."""
+def study_frame(study: Any, layers: list[str] | tuple[str, ...], budget: float,
+                history: HypervolumeHistory | None = None, cost: str = SIZE) -> pd.DataFrame:
+    """One row per Optuna trial of `study`, in sample order, with the hypervolume of (accuracy, `cost` column)
+    after each completion (`budget` in the cost's unit; `history`: a HypervolumeHistory kept between rebuilds
+    of the same study)."""
     rows = []
     for t in study.get_trials(deepcopy=False):
         if t.state.name == "WAITING":  # an enqueued warm start not sampled yet
@@ -76,7 +82,8 @@ def study_frame(study: Any, layers: list[str] | tuple[str, ...], budget_mb: floa
         status = a.get("status") or ("running" if t.state.name == "RUNNING" else t.state.name.lower())
         row: dict[str, Any] = {
             "number": t.number, "trial_id": a.get("trial_id", ""), "status": status,
-            SIZE: a.get(SIZE, math.nan), "avg_bits": a.get("avg_bits", math.nan), ACC: a.get(ACC, math.nan),
+            SIZE: a.get(SIZE, math.nan), BOPS: a.get(BOPS, math.nan), "avg_bits": a.get("avg_bits", math.nan),
+            ACC: a.get(ACC, math.nan),
             "epochs": int(a.get("epoch", 0)), "wall_s": a.get("wall_s", math.nan),
             "epoch_s": a.get("epoch_s", math.nan), "finished_seq": a.get("finished_seq", -1),
             "retry_of": a.get("retry_of", -1),
@@ -94,18 +101,21 @@ def study_frame(study: Any, layers: list[str] | tuple[str, ...], budget_mb: floa
     df["hypervolume"] = np.nan
     done = df[df["status"] == "completed"].sort_values("finished_seq")
     if len(done):
-        history = history or HypervolumeHistory(reference_point(budget_mb))
-        df.loc[done.index, "hypervolume"] = history(done[[ACC, SIZE]].to_numpy())
+        history = history or HypervolumeHistory(reference_point(budget))
+        df.loc[done.index, "hypervolume"] = history(done[[ACC, cost]].to_numpy())
     return df
 
 
-def summarize(df: pd.DataFrame, budget_mb: float) -> dict[str, Any]:
+def summarize(df: pd.DataFrame, budget_mb: float | None, budget_gbops: float | None = None) -> dict[str, Any]:
+    """The search's counts and hypervolume; its cost is size when `budget_mb` is given, else BOPs."""
+    cost, budget = (SIZE, budget_mb) if budget_mb is not None else (BOPS, budget_gbops)
     counts = {s: int((df["status"] == s).sum()) for s in STATUSES}
     done = df[df["status"] == "completed"]
-    hv = hypervolume(done[[ACC, SIZE]].to_numpy(), reference_point(budget_mb)) if len(done) else 0.0
+    hv = hypervolume(done[[ACC, cost]].to_numpy(), reference_point(budget)) if len(done) else 0.0
     return {"samples": int(len(df)), "launched": int(sum(counts[s] for s in LAUNCHED)), "counts": counts,
-            "hypervolume": hv, "budget_mb": budget_mb, "reference_point": list(reference_point(budget_mb)),
-            "front": int(len(pareto_front(done))) if len(done) else 0,
+            "hypervolume": hv, "cost": cost, "budget_mb": budget_mb, "budget_gbops": budget_gbops,
+            "reference_point": list(reference_point(budget)),
+            "front": int(len(pareto_front(done, size=cost))) if len(done) else 0,
             "best_acc": float(done[ACC].max()) if len(done) else None, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
@@ -121,16 +131,31 @@ class ResultsWriter:
 
     COST_RATIO = 20.0  # unforced writes take at most ~5 % of the driver's time
 
-    def __init__(self, out_dir: str | Path, layers: tuple[str, ...], budget_mb: float, min_interval_s: float = 1.0):
+    budget_gbops: float | None = None  # class default: a writer pickled before BOPs existed
+
+    def __init__(self, out_dir: str | Path, layers: tuple[str, ...], budget_mb: float | None,
+                 min_interval_s: float = 1.0, *, budget_gbops: float | None = None):
+        if budget_mb is None and budget_gbops is None:
+            raise ValueError("ResultsWriter: give budget_mb, budget_gbops or both")
         self.out_dir = str(out_dir)
         self.layers = tuple(layers)
-        self.budget_mb = float(budget_mb)
+        self.budget_mb = None if budget_mb is None else float(budget_mb)
+        self.budget_gbops = None if budget_gbops is None else float(budget_gbops)
         self.min_interval_s = float(min_interval_s)
         self._fresh()
 
+    @property
+    def cost(self) -> str:
+        """The search's cost column: size when a size budget is given, else BOPs (the searcher's rule)."""
+        return SIZE if self.budget_mb is not None else BOPS
+
+    @property
+    def budget(self) -> float:
+        return float(self.budget_mb if self.budget_mb is not None else self.budget_gbops)  # type: ignore[arg-type]
+
     def _fresh(self) -> None:
         self._last, self._cost = 0.0, 0.0
-        self._history = HypervolumeHistory(reference_point(self.budget_mb))
+        self._history = HypervolumeHistory(reference_point(self.budget))
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in ("_last", "_cost", "_history")}
@@ -145,10 +170,10 @@ class ResultsWriter:
         if not force and now - self._last < max(self.min_interval_s, self.COST_RATIO * self._cost):
             return None
         out = Path(self.out_dir)
-        df = study_frame(study, self.layers, self.budget_mb, self._history)
+        df = study_frame(study, self.layers, self.budget, self._history, self.cost)
         atomic_to_parquet(df, out / "results.parquet")
-        atomic_to_parquet(pareto_front(df[df["status"] == "completed"]), out / "pareto.parquet")
-        atomic_write_json(out / "summary.json", summarize(df, self.budget_mb))
+        atomic_to_parquet(pareto_front(df[df["status"] == "completed"], size=self.cost), out / "pareto.parquet")
+        atomic_write_json(out / "summary.json", summarize(df, self.budget_mb, self.budget_gbops))
         self._last = time.monotonic()
         self._cost = self._last - now
         return df
@@ -159,14 +184,25 @@ def read_results(run_dir: str | Path) -> pd.DataFrame:
     return pd.read_parquet(_find(run_dir, "results.parquet"))
 
 
-def pareto_table(run_dir: str | Path) -> pd.DataFrame:
-    """The current front as a compact table (size ascending): works while a search is running."""
+def pareto_table(run_dir: str | Path, cost: str | None = None) -> pd.DataFrame:
+    """The current front as a compact table (cost ascending): works while a search is running.
+
+    `cost`: "size" (MB) or "bops" (GBOPs); default the search's own (summary.json), else size.
+    """
+    cost = cost or {v: k for k, v in COST_COLUMNS.items()}.get(read_summary(run_dir).get("cost"), "size")
+    if cost not in COST_COLUMNS:
+        raise ValueError(f"cost must be one of {sorted(COST_COLUMNS)} (got {cost!r})")
     df = read_results(run_dir)
-    front = pareto_front(df[df["status"] == "completed"])
+    if BOPS not in df.columns:
+        if cost == "bops":
+            raise CostUnavailable(f"{_find(run_dir, 'results.parquet')} has no BOPs column (a search from before "
+                                  "BOPs were recorded); show the front in size (--cost size)")
+        df[BOPS] = math.nan
+    front = pareto_front(df[df["status"] == "completed"], size=COST_COLUMNS[cost])
     bit_cols = [c for c in front.columns if c.startswith("bits.")]
     # one compact column: the bits of each layer in model order, e.g. "8/4/4/2/8"
     front["bits"] = front[bit_cols].astype(str).agg("/".join, axis=1) if len(front) else pd.Series(dtype=str)
-    cols = ["number", "trial_id", ACC, SIZE, "avg_bits", "epochs", "wall_s", "bits"]
+    cols = ["number", "trial_id", ACC, SIZE, BOPS, "avg_bits", "epochs", "wall_s", "bits"]
     return front[cols].reset_index(drop=True)
 
 

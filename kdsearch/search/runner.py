@@ -92,12 +92,15 @@ def run_search(space: SearchSpace, cfg: SearchConfig, *, out_dir: str | Path, tr
             if remove_journal(journal):  # from a search killed before its first snapshot: nothing to restore
                 log.info("search: no experiment snapshot in %s; starting the study afresh", exp)
             points, dropped = warm_start_points(space, warm_starts)
-            log.info("search: %d searchable layers (%d fixed), %s configurations, budget %.4f MB, "
+            budgets = " and ".join(f"{b:.4g} {unit}" for b, unit in ((space.budget_mb, "MB"),
+                                                                      (space.budget_gbops, "GBOPs")) if b is not None)
+            log.info("search: %d searchable layers (%d fixed), %s configurations, budget %s, "
                      "%d warm starts (%d over budget dropped)", len(space.searchable), len(space.fixed),
-                     f"{space.cardinality:,}", space.budget_mb, len(points), dropped)
+                     f"{space.cardinality:,}", budgets, len(points), dropped)
+            writer = ResultsWriter(out_dir, space.layers, space.budget_mb, budget_gbops=space.budget_gbops)
             searcher = BudgetSearch(space, sampler=make_sampler(cfg.sampler, seed, cfg.num_trials),
-                                    trial_epochs=cfg.trial_epochs, points_to_evaluate=points,
-                                    writer=ResultsWriter(out_dir, space.layers, space.budget_mb), journal=journal)
+                                    trial_epochs=cfg.trial_epochs, points_to_evaluate=points, writer=writer,
+                                    journal=journal)
             searcher.writer.write(searcher.study)  # tables exist (empty) from the start
             tuner = tune.Tuner(
                 fn,

@@ -34,14 +34,14 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from ..pareto import ACC, SIZE
+from ..pareto import ACC, BOPS, COST_COLUMNS, SIZE
 from .results import ResultsWriter
 from .space import SearchSpace, space_function
 from .storage import STUDY_NAME, SnapshotJournal, reopen
 
 log = logging.getLogger("kdsearch.search")
 
-REPORTED = ("epoch", ACC, SIZE, "avg_bits", "epoch_s", "wall_s")
+REPORTED = ("epoch", ACC, SIZE, BOPS, "avg_bits", "epoch_s", "wall_s")
 
 
 def make_sampler(kind: str, seed: int, num_trials: int) -> optuna.samplers.BaseSampler:
@@ -61,7 +61,8 @@ def make_sampler(kind: str, seed: int, num_trials: int) -> optuna.samplers.BaseS
 
 
 class BudgetSearch(OptunaSearch):
-    """OptunaSearch over a `SearchSpace` with (accuracy max, size min) objectives; see the module doc.
+    """OptunaSearch over a `SearchSpace` with (accuracy max, cost min) objectives, the cost being size (MB) when
+    the space has a size budget, else BOPs (GBOPs); see the module doc.
 
     `journal`: the Optuna journal file the study lives in (None: in memory, for tests and the benchmark's
     searcher-only loop).
@@ -86,9 +87,14 @@ class BudgetSearch(OptunaSearch):
         self._feasible_total: int | None = None
         self._journal = SnapshotJournal(journal) if journal is not None else None
         storage = optuna.storages.JournalStorage(self._journal) if self._journal is not None else None
-        super().__init__(space=space_function(space), metric=[ACC, SIZE], mode=["max", "min"],
+        super().__init__(space=space_function(space), metric=[ACC, self.cost_column], mode=["max", "min"],
                          points_to_evaluate=points_to_evaluate or None, sampler=sampler, study_name=STUDY_NAME,
                          storage=storage)
+
+    @property
+    def cost_column(self) -> str:
+        """The user attribute (and results column) of the second objective."""
+        return COST_COLUMNS[self.space.cost]
 
     @property
     def study(self) -> optuna.Study:
@@ -155,13 +161,14 @@ class BudgetSearch(OptunaSearch):
                 log.info("search: every feasible configuration has been tried; stopping")
                 return Searcher.FINISHED
             ot_trial = self._ot_study.ask()
-            bits = self._space(ot_trial)  # define_space: suggests and sets the size constraint
-            size = self.space.size_mb(bits)
-            for k, v in (("bits", bits), (SIZE, size), ("avg_bits", self.space.avg_bits(bits))):
-                ot_trial.set_user_attr(k, v)
+            bits = self._space(ot_trial)  # define_space: suggests and sets the budgets' constraints
+            for k, v in (("bits", bits), (SIZE, self.space.size_mb(bits)), (BOPS, self.space.gbops(bits)),
+                         ("avg_bits", self.space.avg_bits(bits))):
+                if k != BOPS or math.isfinite(v):  # a space restored from before BOPs has none
+                    ot_trial.set_user_attr(k, v)
             key = tuple(bits[n] for n in self.space.layers)
             if not self.space.feasible(bits):
-                self._tell_skipped(ot_trial, "infeasible", TrialState.COMPLETE, [0.0, size])
+                self._tell_skipped(ot_trial, "infeasible", TrialState.COMPLETE, [0.0, self.space.cost_of(bits)])
                 continue
             if key in self.seen:
                 self._tell_duplicate(ot_trial, self.seen[key])
@@ -222,7 +229,7 @@ class BudgetSearch(OptunaSearch):
         if error:
             status, state, values = "error", TrialState.FAIL, None
         elif acc is not None and math.isfinite(acc) and epoch >= self.trial_epochs:
-            status, state, values = "completed", TrialState.COMPLETE, [float(acc), float(attrs[SIZE])]
+            status, state, values = "completed", TrialState.COMPLETE, [float(acc), float(attrs[self.cost_column])]
         else:  # stopped early by the scheduler (ASHA): not a measurement of the configuration
             status, state, values = "pruned", TrialState.PRUNED, None
         self.finished_seq += 1
@@ -233,8 +240,9 @@ class BudgetSearch(OptunaSearch):
         except Exception as err:  # noqa: BLE001 - e.g. a NaN accuracy: keep the search going
             log.warning("search: could not tell trial %s to Optuna: %s", ot_trial.number, err)
         self._completed_trials.add(trial_id)
-        log.info("search: trial %d (%s) %s: val_acc=%s size=%.4f MB after %d epoch(s)", ot_trial.number, trial_id,
-                 status, f"{acc:.2f}" if acc is not None else "-", attrs[SIZE], epoch)
+        log.info("search: trial %d (%s) %s: val_acc=%s size=%.4f MB, %.4g GBOPs after %d epoch(s)", ot_trial.number,
+                 trial_id, status, f"{acc:.2f}" if acc is not None else "-", attrs[SIZE], attrs.get(BOPS, math.nan),
+                 epoch)
         self._write(force=False)
 
     def _frozen(self, number: int) -> optuna.trial.FrozenTrial:
@@ -253,7 +261,7 @@ class BudgetSearch(OptunaSearch):
                  "finished_seq": self.finished_seq, **{k: result[k] for k in REPORTED if k in result}}
         self._ot_study.add_trial(optuna.trial.create_trial(
             state=TrialState.COMPLETE if done else TrialState.PRUNED,
-            values=[float(acc), float(attrs[SIZE])] if done else None, params=frozen.params,
+            values=[float(acc), float(attrs[self.cost_column])] if done else None, params=frozen.params,
             distributions=frozen.distributions, user_attrs=attrs, constraints=frozen.constraints))
         log.info("search: errored trial %d (%s) was resumed and %s", frozen.number, trial_id, attrs["status"])
         self._write(force=False)

@@ -81,14 +81,20 @@ def synthetic_trial(config: dict[str, Any], payload: SyntheticPayload) -> None:
               epochs=payload.epochs)
 
 
-def toy_space(layers: int = 6, budget_fraction: float = 0.6, bits: tuple[int, ...] = (8, 4, 2)) -> SearchSpace:
-    """A model-free space: layer i holds 1000 * (i + 1) weights; budget at a fraction of all-max-bits."""
+def toy_space(layers: int = 6, budget_fraction: float | None = 0.6, bits: tuple[int, ...] = (8, 4, 2),
+              gbops_fraction: float | None = None) -> SearchSpace:
+    """A model-free space: layer i holds 1000 * (i + 1) weights and 50,000 * (layers - i) MACs (early layers
+    compute most, late layers hold most: size and BOPs disagree), activations at 8 bits; a size budget at
+    `budget_fraction` of all-max-bits and/or a BOPs budget at `gbops_fraction` of it (None: no such budget)."""
     names = tuple(f"layer{i}" for i in range(layers))
     costs = tuple(tuple(math.ceil(1000 * (i + 1) * b / 8) + 4 * (i + 1) for b in bits) for i in range(layers))
+    bops = tuple(tuple(50_000 * (layers - i) * b * 8 for b in bits) for i in range(layers))
     fixed = 400
     full = fixed + sum(c[0] for c in costs)
     params = sum(1000 * (i + 1) for i in range(layers)) + 100
-    return SearchSpace(names, tuple(bits for _ in names), costs, fixed, params, budget_fraction * full / 1e6)
+    return SearchSpace(names, tuple(bits for _ in names), costs, fixed, params,
+                       None if budget_fraction is None else budget_fraction * full / 1e6, bops,
+                       None if gbops_fraction is None else gbops_fraction * sum(b[0] for b in bops) / 1e9)
 
 
 def main(argv: list[str] | None = None) -> None:

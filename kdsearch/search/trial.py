@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io import atomic_write_json
-from ..pareto import ACC, SIZE
+from ..pareto import ACC, BOPS, SIZE
 from .space import SearchSpace
 
 log = logging.getLogger("kdsearch.search.trial")
@@ -84,6 +84,8 @@ def run_trial(config: Mapping[str, Any], trials_dir: str | Path, space: SearchSp
     number, bits = int(config["number"]), {k: int(v) for k, v in config["bits"].items()}
     rec = TrialRecord(trials_dir, number, bits)
     static = {SIZE: space.size_mb(bits), "avg_bits": space.avg_bits(bits), "number": number}
+    if space.bops:  # a space restored from before BOPs has none
+        static[BOPS] = space.gbops(bits)
     if rec.meta["final"] is not None:  # finished before a crash: report, do not retrain
         rec.meta["attempts"].append({"start_epoch": rec.epochs_done, "trained": 0, "replayed": True})
         rec.save()

@@ -3,7 +3,8 @@
 `kdsearch.stages.sensitivity` runs this as a Ray task and writes, in runs/<name>/sensitivity/ (atomically):
   sensitivity.parquet  one row per (layer, bits): omegas, params, exact bytes (see ``measure``, ``costs``)
   sensitivity.json     provenance and timings; its ``inputs_key`` makes a rerun reuse the table
-  priors.json          warm-start BitConfigs per budget (exact solver) and excluded (layer, bits) pairs
+  priors.json          warm-start BitConfigs per size budget and per BOPs budget (exact solver) and
+                       excluded (layer, bits) pairs
   sensitivity.png      each layer's omega per bit-width
 
 The table depends only on the model file, the calibration set and the bit-widths; the priors (budgets,
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +24,12 @@ import torch
 
 from ..checkpoints import CheckpointError
 from ..io import atomic_path, stable_hash
-from ..quant import BitConfig, layer_inventory
+from ..quant import BitConfig, layer_inventory, model_bops
+from ..quant.bops import layer_bops
 from ..spec import Spec
 from .costs import check_costs, layer_byte_costs, resolve_pins
 from .measure import sensitivity_table
-from .priors import excluded_choices, layer_choices, metric_column, warm_starts
+from .priors import excluded_choices, layer_choices, metric_column, warm_starts, warm_starts_bops
 
 log = logging.getLogger("kdsearch.sensitivity")
 
@@ -107,9 +110,11 @@ def plot_sensitivity(table: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def build_priors(spec: Spec, table: pd.DataFrame, fixed_bytes: int, model: torch.nn.Module) -> dict[str, Any]:
-    """Warm starts for every budget (checked against ``model_size``), the excluded (layer, bits) pairs and
-    the resulting per-layer ``choices`` (the search space the sampler should offer)."""
+def build_priors(spec: Spec, table: pd.DataFrame, fixed_bytes: int, model: torch.nn.Module,
+                 input_size: Sequence[int] = (3, 32, 32)) -> dict[str, Any]:
+    """Warm starts for every budget (checked against ``model_size``, and ``model_bops`` on ``input_size``, the
+    data's image shape), the excluded (layer, bits) pairs and the resulting per-layer ``choices`` (the search
+    space the sampler should offer)."""
     names = list(dict.fromkeys(table["layer"]))
     pins = resolve_pins(names, spec.quant.pin)
     col = metric_column(spec.sensitivity.metric)
@@ -123,9 +128,29 @@ def build_priors(spec: Spec, table: pd.DataFrame, fixed_bytes: int, model: torch
             if size != rec["total_bytes"] or size > rec["budget_bytes"]:
                 raise RuntimeError(f"warm start for {rec['budget_bytes']} bytes has size {size}")
     # "layers" keeps the model's layer order: the JSON writer sorts the keys of every dict below.
-    return {"layers": names, "metric": col, "exclude_above": spec.sensitivity.exclude_above, "excluded": excluded,
-            "pinned": pins, "choices": layer_choices(names, spec.quant.bits, pins, excluded),
-            "fixed_bytes": fixed_bytes, "warm_starts": starts}
+    priors = {"layers": names, "metric": col, "exclude_above": spec.sensitivity.exclude_above, "excluded": excluded,
+              "pinned": pins, "choices": layer_choices(names, spec.quant.bits, pins, excluded),
+              "fixed_bytes": fixed_bytes, "warm_starts": starts}
+    if spec.search.budgets_gbops:  # only then: the priors (and the search's key) of a size-only run are as before
+        priors["warm_starts_bops"] = _bops_starts(spec, table, model, input_size, col, pins, excluded)
+    return priors
+
+
+def _bops_starts(spec: Spec, table: pd.DataFrame, model: torch.nn.Module, input_size: Sequence[int], col: str,
+                 pins: dict[str, int], excluded: dict[str, list[int]]) -> list[dict[str, Any]]:
+    """The solver's starts for the BOPs budgets, each checked against ``model_bops``."""
+    macs = {i.name: i.macs for i in layer_inventory(model, input_size=input_size)}
+    table = table.assign(bops=[layer_bops(macs[n], int(b), spec.quant.act_bits)
+                               for n, b in zip(table["layer"], table["bits"])])
+    starts = warm_starts_bops(table, spec.search.budgets_gbops, spec.sensitivity.budgets_around, metric=col,
+                              pinned=pins, excluded=excluded)
+    for rec in starts:
+        if rec["bit_config"] is not None:
+            bops = model_bops(model, BitConfig(rec["bit_config"]), act_bits=spec.quant.act_bits,
+                              input_size=input_size).total_bops
+            if bops != rec["total_bops"] or bops > rec["budget_bops"]:
+                raise RuntimeError(f"warm start for {rec['budget_bops']} BOPs has {bops} BOPs")
+    return starts
 
 
 def load_priors(run_dir: Path) -> dict[str, Any]:

@@ -73,7 +73,7 @@ def search_stage(spec: Spec, ctx: RunContext, *, out_dir: Path | None = None, us
     `sampler_seed` (default spec.seed; the data and model seeds stay) are for benchmarks and ablations.
     """
     from ..checkpoints import CheckpointError, load_model, read_model_file
-    from ..data import load_data
+    from ..data import image_shape, load_data
     from ..distill import logit_cache_dir, make_pool
     from ..capacity import cluster_view, gpus_for
     from ..raycluster import ensure_ray
@@ -89,8 +89,9 @@ def search_stage(spec: Spec, ctx: RunContext, *, out_dir: Path | None = None, us
     model, _ = load_model(student)
     priors = _load_priors(spec, run_dir) if use_priors else None
     starts, excluded = prior_candidates(priors)
-    budget = spec.search.budgets_mb[0]
-    space = build_space(model, spec.quant, budget, excluded)
+    shape = image_shape(spec.data)
+    space = build_space(model, spec.quant, _first(spec.search.budgets_mb), excluded,
+                        budget_gbops=_first(spec.search.budgets_gbops), input_size=shape)
     warm = (starts + uniform_configs(space, spec.quant.bits)) if spec.search.warm_start else []
 
     out = Path(out_dir).resolve() if out_dir is not None else search_dir(run_dir)
@@ -126,7 +127,7 @@ def search_stage(spec: Spec, ctx: RunContext, *, out_dir: Path | None = None, us
         if teachers is not None:
             teachers.shutdown()
     kd_acc = read_model_file(student).get("metrics", {}).get("val_acc")
-    plot = write_pareto_plot(spec, out, model, kd_acc)
+    plot = write_pareto_plot(spec, out, model, kd_acc, shape)
     summary = read_summary(out) | {"seconds": summary.get("seconds"), "tune_errors": summary.get("tune_errors")}
     log.info("search: %d trials launched (%s), hypervolume %.4g, front of %d; tables in %s",
              summary.get("launched", 0), summary.get("counts"), summary.get("hypervolume", 0.0),
@@ -135,24 +136,35 @@ def search_stage(spec: Spec, ctx: RunContext, *, out_dir: Path | None = None, us
             "plot": str(plot)}
 
 
-def write_pareto_plot(spec: Spec, out: Path, model: Any, kd_acc: float | None) -> Path:
-    """out/pareto.png: the trials, the front, the budget, uniform 16/8/4 (pins kept) and the float KD student."""
+def _first(budgets: tuple[float, ...]) -> float | None:
+    return budgets[0] if budgets else None
+
+
+def write_pareto_plot(spec: Spec, out: Path, model: Any, kd_acc: float | None,
+                      shape: tuple[int, ...] | None = None) -> Path:
+    """out/pareto.png: the trials, the front, the budgets, uniform 16/8/4 (pins kept) and the float KD student,
+    against size and against BOPs (on `shape`, default the data's image shape)."""
+    from ..data import image_shape
     from ..plots import Marker, plot_pareto
-    from ..quant import BitConfig, model_size
+    from ..quant import BitConfig, model_bops, model_size
 
     df = read_results(out)
     trained = df[df["status"] == "completed"]
     bit_cols = [c for c in df.columns if c.startswith("bits.")]
     markers = []
+    shape = shape or image_shape(spec.data)
     for b in (16, 8, 4):
         cfg = BitConfig.uniform(model, b, pin=dict(spec.quant.pin))
         size = model_size(model, cfg, act_bits=spec.quant.act_bits).total_mb
         row = {f"bits.{n}": v for n, v in cfg.items()}
         hit = trained[(trained[bit_cols] == _as_series(row, bit_cols)).all(axis=1)] if len(trained) else trained
-        markers.append(Marker(f"uniform {b}-bit", size, float(hit[ACC].iloc[0]) if len(hit) else None))
-    markers.append(Marker("float KD student (val)", model_size(model).total_mb, kd_acc))
+        gbops = model_bops(model, cfg, act_bits=spec.quant.act_bits, input_size=shape).gbops
+        markers.append(Marker(f"uniform {b}-bit", size, float(hit[ACC].iloc[0]) if len(hit) else None, gbops))
+    markers.append(Marker("float KD student (val)", model_size(model).total_mb, kd_acc,
+                          model_bops(model, input_size=shape).gbops))
     path = out / "pareto.png"
-    return plot_pareto(df, path, budget_mb=spec.search.budgets_mb[0], markers=markers,
+    return plot_pareto(df, path, budget_mb=_first(spec.search.budgets_mb), markers=markers,
+                       budget_gbops=_first(spec.search.budgets_gbops),
                        title=f"{spec.name}: {spec.student.arch}, {spec.search.sampler} search")
 
 

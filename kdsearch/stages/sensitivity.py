@@ -31,6 +31,7 @@ def _sensitivity_task(spec_dict: dict[str, Any], run_dir: str) -> dict[str, Any]
 
     from ..checkpoints import CheckpointError, load_model
     from ..context import setup_logging
+    from ..data import image_shape
     from ..io import atomic_to_parquet, atomic_write_json, file_digest
     from ..raycluster import task_device, where
     from ..runtime import set_cpu_threads
@@ -64,7 +65,8 @@ def _sensitivity_task(spec_dict: dict[str, Any], run_dir: str) -> dict[str, Any]
         reused = False
         log.info("sensitivity: %d rows in %.1f s (%s)", len(table), meta["seconds"]["total"], meta["seconds"])
     model = model.cpu()
-    priors = build_priors(spec, table, int(meta["fixed_bytes"]), model)
+    shape = image_shape(spec.data) if spec.search.budgets_gbops else (3, 32, 32)  # BOPs starts need the real one
+    priors = build_priors(spec, table, int(meta["fixed_bytes"]), model, input_size=shape)
     atomic_write_json(rd.priors_file, priors)
     plot_sensitivity(table, out_dir / "sensitivity.png")
     return {"table": str(table_path), "rows": len(table), "reused": reused, "model": model_path.name,
