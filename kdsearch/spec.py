@@ -234,7 +234,7 @@ class QuantConfig(_Cfg):
     qat: TrainConfig = TrainConfig(epochs=15, lr=0.01, weight_decay=5e-5)
     # Activation ranges: MSE over this many un-augmented training batches of eval-mode forwards, before QAT.
     calib_batches: int = Field(8, ge=1)
-    # BatchNorm statistics re-estimated after QAT from this many un-augmented training batches (0: off).
+    # BatchNorm statistics re-estimated after QAT from this many augmented training batches (0: off).
     bn_batches: int = Field(16, ge=0)
 
     @field_validator("qat")
