@@ -53,7 +53,7 @@ def _finish(out: Path, model: torch.nn.Module, bundle: DataBundle, spec: Spec, k
     metrics = {**metrics, **split_accuracies(model, bundle, spec, device, cfg), "device": str(device),
                "node": where(), "data_version": bundle.version}
     save_model(out, model, arch=metrics["arch"], num_classes=bundle.num_classes, metrics=metrics,
-               meta=provenance(spec.to_dict(), inputs_key=key, data_version=bundle.version))
+               kwargs=spec.model_kwargs(metrics["arch"]), meta=provenance(spec.to_dict(), inputs_key=key, data_version=bundle.version))
     atomic_write_json(out.with_suffix(".json"), metrics)
     out.with_suffix(".ckpt").unlink(missing_ok=True)
     return metrics
@@ -72,7 +72,7 @@ def train_float_model(spec: Spec, arch: str, cfg: TrainConfig, out: Path, *, see
         return dict(read_model_file(out)["metrics"])
     bundle = bundle if bundle is not None else load_data(spec.data)
     seed_everything(model_seed(arch, seed))
-    model = create_model(arch, num_classes=bundle.num_classes)
+    model = create_model(arch, num_classes=bundle.num_classes, **spec.model_kwargs(arch))
     if arch == spec.student.arch:
         train = train_loader(spec, bundle, seed, batch_size=cfg.batch_size, device=device)
     else:
@@ -97,7 +97,7 @@ def import_teacher(spec: Spec, arch: str, src: str, out: Path, *, device: torch.
     if is_current(out, key):
         return dict(read_model_file(out)["metrics"])
     bundle = load_data(spec.data)
-    model, _ = load_model(src, arch=arch, num_classes=bundle.num_classes)
+    model, _ = load_model(src, arch=arch, num_classes=bundle.num_classes, kwargs=spec.model_kwargs(arch))
     model.to(device)
     metrics = {"arch": arch, "kind": "imported", "seed": spec.seed, "epochs": 0, "source": str(src),
                "params": sum(p.numel() for p in model.parameters())}
@@ -131,7 +131,7 @@ def train_kd_student(spec: Spec, run_dir: Path, out: Path, *, seed: int, strateg
     train = train_loader(spec, bundle, seed, batch_size=cfg.batch_size, device=device, teacher=teachers,
                          epochs=cfg.epochs)
     seed_everything(model_seed(arch, seed))  # the scratch student's initialisation
-    model = create_model(arch, num_classes=bundle.num_classes)
+    model = create_model(arch, num_classes=bundle.num_classes, **spec.model_kwargs(arch))
     loss = KDLoss.from_config(spec.distill, strategy, label_smoothing=cfg.label_smoothing)
     val = EvalLoader(bundle.val, batch_size=spec.data.eval_batch_size, device=device)
     result = fit(model, train, val, FitRun(cfg, normalizer=Normalizer.from_bundle(bundle), device=device,

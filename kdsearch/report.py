@@ -84,7 +84,7 @@ def _float_student(run_dir: Path) -> dict[str, Any]:
             from .models import create_model
             from .quant import model_size
 
-            size = model_size(create_model(obj["arch"], num_classes=obj["num_classes"]))
+            size = model_size(create_model(obj["arch"], num_classes=obj["num_classes"], **(obj.get("kwargs") or {})))
             return {"arch": obj["arch"], "num_classes": obj["num_classes"], "fp32_mb": size.total_mb,
                     "params": size.num_params, "meta": obj.get("meta", {})}
     return {}
@@ -199,6 +199,7 @@ def _allocation(models: pd.DataFrame | None, budget: float) -> pd.Series | None:
 def _teachers_line(run_dir: Path, spec: dict[str, Any]) -> str:
     order = [t if isinstance(t, str) else t.get("arch") for t in ((spec.get("teachers") or {}).get("models") or [])]
     found = {p.stem: read_json(p) for p in sorted(RunDir(run_dir).teachers_dir.glob("*.json"))}
+    found |= {a: found.get(RunDir(run_dir).teacher(a).stem) for a in order}  # an import path's file name
     archs = order or sorted(found)
     parts = [f"{a} (test {_pct(found[a].get('test_acc'))}%, val {_pct(found[a].get('val_acc'))}%)"
              if a in found and found[a] else f"{a} ({NOT_RUN})" for a in archs]

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .imports import SHAPE, check_import_path, is_import_path
 from .io import atomic_write_text, stable_hash
 from .strategy_names import DEFAULT_STRATEGY, STRATEGY_NAMES
 
@@ -25,6 +26,7 @@ DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")
 AUGMENTS = ("none", "standard", "autoaugment", "randaugment", "trivialaugment")
 WEIGHT_BITS = (2, 3, 4, 5, 6, 8, 16, 32)
 DATASET_CLASSES = {"cifar10": 10, "cifar100": 100}
+SAMPLERS = ("tpe", "nsga2", "random")  # built in (kdsearch.search.searcher.make_sampler)
 
 
 class SpecError(ValueError):
@@ -143,23 +145,48 @@ def _absolute(path: str | None) -> str | None:
 
 
 def _check_arch(name: str) -> str:
-    # The static name list, not `kdsearch.models`: importing the registry imports torch (seconds).
+    # The static name list, not `kdsearch.models`: importing the registry imports torch (seconds). An import
+    # path is only checked for its shape here; `kdsearch.spec_checks` imports and builds it.
     from .model_names import known_model_names
 
+    if is_import_path(name):
+        return check_import_path(name)
     names = known_model_names()
     if name not in names:
-        raise ValueError(f"unknown architecture '{name}'; available: {', '.join(names)}")
+        raise ValueError(f"unknown architecture '{name}'; available: {', '.join(names)}, or an import path "
+                         f"{SHAPE.replace('name', 'factory')}")
     return name
 
 
+def _name_or_path(v: str, names: tuple[str, ...], what: str, path: str) -> str:
+    """A built-in name, or a well-formed import path (imported later, by `kdsearch.spec_checks`)."""
+    if is_import_path(v):
+        return check_import_path(v)
+    if v not in names:
+        raise ValueError(f"unknown {what} '{v}'; choose {', '.join(names)} or {path}")
+    return v
+
+
+def _check_kwargs(v: dict[str, Any]) -> dict[str, Any]:
+    if "num_classes" in v:
+        raise ValueError("num_classes comes from the data (data.num_classes or the dataset); remove it from kwargs")
+    return v
+
+
 class TeacherConfig(_Cfg):
-    arch: str
+    arch: str  # a registered name or an import path package.module:factory
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # factory(num_classes=..., **kwargs)
     checkpoint: str | None = None  # a trained checkpoint to use instead of training (loaded weights_only)
 
     @field_validator("arch")
     @classmethod
     def _arch(cls, v: str) -> str:
         return _check_arch(v)
+
+    @field_validator("kwargs")
+    @classmethod
+    def _kwargs(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return _check_kwargs(v)
 
     @field_validator("checkpoint")
     @classmethod
@@ -192,7 +219,8 @@ class TeachersConfig(_Cfg):
 
 
 class StudentConfig(_Cfg):
-    arch: str
+    arch: str  # a registered name or an import path package.module:factory
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # factory(num_classes=..., **kwargs)
     candidates: tuple[str, ...] = ()  # for `kdsearch students`: architectures ranked by quantizability
     train: TrainConfig = TrainConfig()
     # Resources of one student-sized unit of work (a scratch/KD student, a finalize model, the sensitivity
@@ -205,6 +233,11 @@ class StudentConfig(_Cfg):
     def _arch(cls, v: str) -> str:
         return _check_arch(v)
 
+    @field_validator("kwargs")
+    @classmethod
+    def _kwargs(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return _check_kwargs(v)
+
     @field_validator("candidates")
     @classmethod
     def _cands(cls, v: tuple[str, ...]) -> tuple[str, ...]:
@@ -216,12 +249,18 @@ class StudentConfig(_Cfg):
 class DistillConfig(_Cfg):
     """Ensemble KD (Hinton et al. 2015): loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE."""
 
-    # The default is the first of STRATEGY_NAMES (see kdsearch/strategy_names.py for why).
-    strategy: Literal[STRATEGY_NAMES] = DEFAULT_STRATEGY  # type: ignore[valid-type]
+    # The default is the first of STRATEGY_NAMES (see kdsearch/strategy_names.py for why); or an import path
+    # package.module:function with the strategies' signature (kdsearch.distill.strategies.Strategy).
+    strategy: str = DEFAULT_STRATEGY
     temperature: float = Field(4.0, gt=0)
     alpha: float = Field(0.9, ge=0, le=1)
     source: Literal["cache", "live"] = "cache"  # trials replay cached teacher logits, or ask the actor pool
     cache_epochs: int = Field(4, ge=1)  # seeded augmentation epochs whose teacher logits are cached
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy(cls, v: str) -> str:
+        return _name_or_path(v, STRATEGY_NAMES, "strategy", "an import path " + SHAPE.replace("name", "function"))
 
 
 class QuantConfig(_Cfg):
@@ -280,7 +319,10 @@ class SearchConfig(_Cfg):
     num_trials: int = Field(32, ge=1)
     trial_epochs: int = Field(2, ge=1)
     trial: TrainConfig = TrainConfig(epochs=2, lr=0.005, weight_decay=5e-5)
-    sampler: Literal["tpe", "nsga2", "random"] = "tpe"
+    # tpe, nsga2, random, or an Optuna sampler class by import path (optuna.samplers:QMCSampler, a user's own),
+    # built with sampler_kwargs (and seed=, when the class takes one and sampler_kwargs does not set it).
+    sampler: str = "tpe"
+    sampler_kwargs: dict[str, Any] = Field(default_factory=dict)
     warm_start: bool = True  # seed the sampler with the sensitivity solver's configs and uniform baselines
     max_concurrent: int | None = Field(None, ge=1)  # default: derived from resources
     gpus_per_trial: float = Field(0.0, ge=0)
@@ -288,6 +330,11 @@ class SearchConfig(_Cfg):
     asha: bool = True
     grace_period: int = Field(1, ge=1)
     max_failures: int = Field(2, ge=0)
+
+    @field_validator("sampler")
+    @classmethod
+    def _sampler(cls, v: str) -> str:
+        return _name_or_path(v, SAMPLERS, "sampler", "an Optuna sampler class " + SHAPE.replace("name", "Class"))
 
     @field_validator("budgets_mb")
     @classmethod
@@ -361,6 +408,12 @@ class Spec(_Cfg):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def model_kwargs(self, arch: str) -> dict[str, Any]:
+        """The `kwargs:` the spec gives beside `arch` (the student's, else a teacher's; {} for a candidate)."""
+        if arch == self.student.arch:
+            return dict(self.student.kwargs)
+        return next((dict(t.kwargs) for t in self.teachers.models if t.arch == arch), {})
 
     def key_dict(self) -> dict[str, Any]:
         """The spec as a dict plus the pseudo-section `seed` (= seeds[0]), which the once-per-run stages read:

@@ -3,11 +3,21 @@
 `kdsearch.spec` validates the YAML on its own; these rules also need the layer inventory and the size
 model, e.g. a size budget below the smallest size the student can reach with the allowed bit-widths.
 They run before any compute, and fail as a `SpecError` naming the field.
+
+Every import path of the spec (`arch`, `distill.strategy`, `search.sampler`) is imported and built once
+here (`check_imports`), so that a user's typo, a missing package or a factory that returns the wrong thing is
+one line naming the field and the cause, with exit 2, before any Ray task would have met it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+from .imports import is_import_path
 from .spec import Spec, SpecError
+
+_PROBE = (2, 4, 3)  # teachers, batch, classes of the strategy probe
 
 
 def smallest_size_bytes(spec: Spec) -> int:
@@ -16,7 +26,7 @@ def smallest_size_bytes(spec: Spec) -> int:
     from .quant import BitConfig, model_size
     from .sensitivity.costs import layer_names, resolve_pins
 
-    model = create_model(spec.student.arch, num_classes=spec.data.classes or 10)
+    model = create_model(spec.student.arch, num_classes=spec.data.classes or 10, **spec.student.kwargs)
     try:
         pins = resolve_pins(layer_names(model), spec.quant.pin)
     except ValueError as err:
@@ -25,7 +35,74 @@ def smallest_size_bytes(spec: Spec) -> int:
     return model_size(model, cfg, act_bits=spec.quant.act_bits).total_bytes
 
 
+def _one_line(field: str, fn: Callable[[], Any]) -> Any:
+    """fn(), or its error as a SpecError naming `field` (a user's code may raise anything)."""
+    try:
+        return fn()
+    except SpecError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        text = str(err).strip().splitlines()
+        raise SpecError(field, text[0] if text else type(err).__name__) from None
+
+
+def _check_model(field: str, arch: str, kwargs: dict[str, Any], num_classes: int, quantized: bool) -> None:
+    from .models import create_model
+    from .quant import quantizable_layers
+
+    model = _one_line(field, lambda: create_model(arch, num_classes=num_classes, **kwargs))
+    if quantized and not quantizable_layers(model):
+        raise SpecError(field, f"{arch} has no quantizable layer (nn.Conv2d or nn.Linear module); a student must "
+                               "have at least one")
+
+
+def _check_strategy(field: str, path: str) -> None:
+    import inspect
+
+    import torch
+
+    from .distill.strategies import get_strategy
+
+    fn = _one_line(field, lambda: get_strategy(path))
+    t, b, c = _PROBE
+    logits, labels = torch.randn(t, b, c), torch.arange(b) % c
+    try:
+        inspect.signature(fn).bind(logits, labels, 1.0)
+    except TypeError as err:
+        raise SpecError(field, f"{path} has the signature {inspect.signature(fn)}, but a strategy is called as "
+                               f"fn(teacher_logits [T, B, C], labels [B], temperature) ({err})") from None
+    except ValueError:  # a builtin without a signature: the probe call below decides
+        pass
+    out = _one_line(field, lambda: fn(logits, labels, 1.0))
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (b, c):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise SpecError(field, f"{path} returned {got} for {t} teachers' logits [{t}, {b}, {c}]; a strategy returns "
+                               f"soft targets [B, C] = [{b}, {c}]")
+
+
+def check_imports(spec: Spec) -> None:
+    """Import and build every import path of the spec once; each failure is one SpecError naming its field."""
+    classes = spec.data.classes or 10
+    for i, t in enumerate(spec.teachers.models):
+        if is_import_path(t.arch):
+            _check_model(f"teachers.models[{i}].arch", t.arch, dict(t.kwargs), classes, quantized=False)
+    if is_import_path(spec.student.arch):
+        _check_model("student.arch", spec.student.arch, dict(spec.student.kwargs), classes, quantized=True)
+    for i, arch in enumerate(spec.student.candidates):
+        if is_import_path(arch):
+            _check_model(f"student.candidates[{i}]", arch, spec.model_kwargs(arch), classes, quantized=True)
+    if is_import_path(spec.distill.strategy):
+        _check_strategy("distill.strategy", spec.distill.strategy)
+    if is_import_path(spec.search.sampler) or spec.search.sampler_kwargs:
+        from .search.searcher import make_sampler
+
+        field = "search.sampler" if is_import_path(spec.search.sampler) else "search.sampler_kwargs"
+        _one_line(field, lambda: make_sampler(spec.search.sampler, spec.seed, spec.search.num_trials,
+                                                         spec.search.sampler_kwargs))
+
+
 def check_spec(spec: Spec) -> None:
+    check_imports(spec)
     smallest = smallest_size_bytes(spec)
     for i, budget in enumerate(spec.search.budgets_mb):
         if budget * 1e6 < smallest:

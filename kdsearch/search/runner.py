@@ -95,7 +95,7 @@ def run_search(space: SearchSpace, cfg: SearchConfig, *, out_dir: str | Path, tr
             log.info("search: %d searchable layers (%d fixed), %s configurations, budget %.4f MB, "
                      "%d warm starts (%d over budget dropped)", len(space.searchable), len(space.fixed),
                      f"{space.cardinality:,}", space.budget_mb, len(points), dropped)
-            searcher = BudgetSearch(space, sampler=make_sampler(cfg.sampler, seed, cfg.num_trials),
+            searcher = BudgetSearch(space, sampler=make_sampler(cfg.sampler, seed, cfg.num_trials, cfg.sampler_kwargs),
                                     trial_epochs=cfg.trial_epochs, points_to_evaluate=points,
                                     writer=ResultsWriter(out_dir, space.layers, space.budget_mb), journal=journal)
             searcher.writer.write(searcher.study)  # tables exist (empty) from the start

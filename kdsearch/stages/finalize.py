@@ -108,7 +108,8 @@ def _finalize_task(spec_dict: dict[str, Any], run_dir: str, cand: dict[str, Any]
     dead = dead_channels(model)  # export refuses any; recorded so that the table can say it counted them
     file_bytes = export_quantized(model, kdq, arch=spec.student.arch, num_classes=bundle.num_classes,
                                   input_shape=bundle.image_shape,
-                                  metadata={"id": c.id, "seed": seed, "spec": spec.name, "data_version": bundle.version})
+                                  metadata={"id": c.id, "seed": seed, "spec": spec.name, "data_version": bundle.version,
+                                            "kwargs": spec.model_kwargs(spec.student.arch)})
     norm = Normalizer.from_bundle(bundle)
     reloaded = load_quantized(kdq).to(device)
     val = EvalLoader(bundle.val, batch_size=spec.data.eval_batch_size, device=device)
