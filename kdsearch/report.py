@@ -127,6 +127,8 @@ def seed_table(run_dir: Path, spec: dict[str, Any], student: dict[str, Any]) -> 
     fp32 = student.get("fp32_mb")
     for conf, kind in (("Baseline (Scratch)", "scratch"), ("KD (FP32)", "kd")):
         ms = students(run_dir, kind)
+        if ms and ms[0].get("kind") == "given":  # student.checkpoint: the user's model, measured, not trained
+            conf = "Baseline (given)"
         if ms:
             rows.append([conf, "FP32", fmt_ms([m.get("test_acc") for m in ms]), len(ms),
                          fmt_ms([m.get("val_acc") for m in ms]), f"{fp32:.4f}" if fp32 else "-", "-", "32.00",
@@ -194,6 +196,13 @@ def _allocation(models: pd.DataFrame | None, budget: float) -> pd.Series | None:
         return None
     hit = models[models["roles"].astype(str).str.contains(f"{ALLOCATION} <= {budget:g} MB", regex=False)]
     return hit.iloc[0] if len(hit) else None
+
+
+def _given_note(spec: dict[str, Any]) -> str:
+    """Says that the float student was given (student.checkpoint), not trained by this run."""
+    given = (spec.get("student") or {}).get("checkpoint")
+    return (f" (given as `{given}`, not trained: the FP32 row is that model measured on this run's splits; KD, QAT "
+            "and the search start from it)") if given else ""
 
 
 def _teachers_line(run_dir: Path, spec: dict[str, Any]) -> str:
@@ -378,7 +387,8 @@ def render_report(run_dir: str | Path) -> str:
     out = [
         f"# kdsearch report: {spec.get('name', p.name)}", "",
         f"* **Data:** {data.get('dataset', '?')} (version `{meta.get('data_version', NOT_RUN)}`)",
-        f"* **Student:** {student.get('arch') or (spec.get('student') or {}).get('arch', '?')}; "
+        f"* **Student:** {student.get('arch') or (spec.get('student') or {}).get('arch', '?')}"
+        f"{_given_note(spec)}; "
         f"**teacher ensemble:** {_teachers_line(p, spec)}",
         f"* **Distillation:** {kd.get('strategy', distill.get('strategy', '?'))} ensemble, "
         f"T={distill.get('temperature')}, alpha={distill.get('alpha')}; epochs: FP32 students {student_epochs}, "

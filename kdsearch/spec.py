@@ -222,6 +222,9 @@ class StudentConfig(_Cfg):
     arch: str  # a registered name or an import path package.module:factory
     kwargs: dict[str, Any] = Field(default_factory=dict)  # factory(num_classes=..., **kwargs)
     candidates: tuple[str, ...] = ()  # for `kdsearch students`: architectures ranked by quantizability
+    # A trained float student (loaded weights_only): it is the FP32 row, measured on this run's splits, and the
+    # start of the KD fine-tuning, the QAT runs and the search; no student is trained from scratch.
+    checkpoint: str | None = None
     train: TrainConfig = TrainConfig()
     # Resources of one student-sized unit of work (a scratch/KD student, a finalize model, the sensitivity
     # table, a candidate's check): each is a Ray task with these, so a cluster spreads them over its GPUs.
@@ -237,6 +240,11 @@ class StudentConfig(_Cfg):
     @classmethod
     def _kwargs(cls, v: dict[str, Any]) -> dict[str, Any]:
         return _check_kwargs(v)
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _absolute_checkpoint(cls, v: str | None) -> str | None:
+        return _absolute(v)
 
     @field_validator("candidates")
     @classmethod

@@ -101,8 +101,23 @@ def check_imports(spec: Spec) -> None:
                                                          spec.search.sampler_kwargs))
 
 
+def check_given_student(spec: Spec) -> None:
+    """`student.checkpoint` loads weights-only into the student architecture (or one SpecError says why not)."""
+    if spec.student.checkpoint is None:
+        return
+    from .checkpoints import load_model, read_model_file
+
+    path, classes = spec.student.checkpoint, spec.data.classes
+    if classes is None:  # an image folder: its classes are counted when the data loads; the file must still read
+        _one_line("student.checkpoint", lambda: read_model_file(path))
+        return
+    _one_line("student.checkpoint", lambda: load_model(path, arch=spec.student.arch, num_classes=classes,
+                                                       kwargs=spec.student.kwargs))
+
+
 def check_spec(spec: Spec) -> None:
     check_imports(spec)
+    check_given_student(spec)
     smallest = smallest_size_bytes(spec)
     for i, budget in enumerate(spec.search.budgets_mb):
         if budget * 1e6 < smallest:
