@@ -348,7 +348,22 @@ def _sensitivity_section(run_dir: Path) -> list[str]:
         for w in starts:
             what = f"{w['total_mb']:.4f} MB" if w.get("feasible") else f"infeasible ({w.get('reason')})"
             out.append(f"* Solver start for {w['base_budget_mb']:g} MB: {what}")
+        out += _float_lines(priors.get("float"))
     return out
+
+
+def _float_lines(parts: list[dict[str, Any]] | None) -> list[str]:
+    """What stays in float and why (the sensitivity stage's `float_parts`), one line per reason."""
+    if not parts:
+        return []
+    by_why: dict[str, list[dict[str, Any]]] = {}
+    for p in parts:
+        by_why.setdefault(p["why"], []).append(p)
+    lines = ["", "Stays in float (fp32 in the exported file), and why:"]
+    for why, ps in by_why.items():
+        names = ", ".join(p["name"] for p in ps[:6]) + (f" and {len(ps) - 6} more" if len(ps) > 6 else "")
+        lines.append(f"* {why}: {len(ps)} ({sum(p['params'] for p in ps):,} parameters): {names}")
+    return lines
 
 
 def _finalized_section(final: pd.DataFrame | None) -> list[str]:

@@ -35,12 +35,13 @@ from .lsq_ops import lsq_fake_quant, lsq_function, lsq_grad_scale
 from .quantizers import HalfQuantizer, LsqActQuantizer, LsqWeightQuantizer, init_act_step, init_weight_step
 from .onnx_export import export_onnx
 from .precision import strict_fp32, strict_fp32_active
-from .size import SizeReport, StoredTensor, model_size, storage_plan
+from .size import FloatPart, SizeReport, StoredTensor, float_parts, model_size, storage_plan
 
 __all__ = [
     "SUPPORTED_BITS",
     "BitConfig",
     "DeadChannelError",
+    "FloatPart",
     "FoldingBatchNorm1d",
     "FoldingBatchNorm2d",
     "HalfQuantizer",
@@ -59,6 +60,7 @@ __all__ = [
     "dead_channels",
     "export_onnx",
     "export_quantized",
+    "float_parts",
     "init_act_step",
     "init_weight_step",
     "input_shape_of",

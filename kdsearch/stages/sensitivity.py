@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ def _sensitivity_task(spec_dict: dict[str, Any], run_dir: str) -> dict[str, Any]
     from ..checkpoints import CheckpointError, load_model
     from ..context import setup_logging
     from ..io import atomic_to_parquet, atomic_write_json, file_digest
+    from ..quant import float_parts
     from ..raycluster import task_device, where
     from ..runtime import set_cpu_threads
     from ..sensitivity import build_priors, compute_table, plot_sensitivity, table_key
@@ -65,6 +67,7 @@ def _sensitivity_task(spec_dict: dict[str, Any], run_dir: str) -> dict[str, Any]
         log.info("sensitivity: %d rows in %.1f s (%s)", len(table), meta["seconds"]["total"], meta["seconds"])
     model = model.cpu()
     priors = build_priors(spec, table, int(meta["fixed_bytes"]), model)
+    priors["float"] = [asdict(p) for p in float_parts(model)]  # what stays in float, and why (the report lists it)
     atomic_write_json(rd.priors_file, priors)
     plot_sensitivity(table, out_dir / "sensitivity.png")
     return {"table": str(table_path), "rows": len(table), "reused": reused, "model": model_path.name,
