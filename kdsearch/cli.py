@@ -63,6 +63,10 @@ def _load(args: argparse.Namespace) -> tuple[Spec, RunContext]:
     if getattr(args, "device", None):
         overrides["device"] = args.device  # --device is the spec's device: the Ray tasks resolve it where they run
     spec = load_spec(args.spec, overrides)
+    if getattr(args, "py_modules", None):  # --py-modules adds to the spec's own list
+        from .spec import parse_spec
+
+        spec = parse_spec(spec.to_dict(), {"py_modules": [*spec.py_modules, *args.py_modules]})
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / spec.name
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"run directory '{run_dir}' is a file, not a folder; give --run-dir a folder "
@@ -71,15 +75,18 @@ def _load(args: argparse.Namespace) -> tuple[Spec, RunContext]:
     _setup_logging(args)
     from .context import RunContext
     from .data_checks import check_data
-    from .spec_checks import check_spec
+    from .raycluster import use_py_modules
+    from .spec_checks import check_py_modules, check_spec
 
+    check_py_modules(spec)
+    use_py_modules(spec.py_modules)  # the driver imports the user's code as the workers will (check_spec builds it)
     check_spec(spec)
     check_data(spec.data)
     if args.address is None:  # a cluster is checked once joined (kdsearch.pipeline)
         from .raycluster import check_device
 
         check_device(spec.device, None)
-    ctx = RunContext.create(run_dir, device=spec.device, address=args.address)
+    ctx = RunContext.create(run_dir, device=spec.device, address=args.address, py_modules=spec.py_modules)
     return spec, ctx
 
 
@@ -306,6 +313,8 @@ def _spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the spec's device")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a spec field, e.g. --set search.num_trials=8 (repeatable)")
+    p.add_argument("--py-modules", action="append", metavar="PATH",
+                   help="a package folder (or .whl) of your own code, shipped to every Ray worker (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:

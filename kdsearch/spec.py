@@ -393,6 +393,14 @@ class Spec(_Cfg):
     sensitivity: SensitivityConfig = SensitivityConfig()
     search: SearchConfig
     finalize: FinalizeConfig = FinalizeConfig()
+    # The user's own packages (folders or .whl files) that the spec's import paths live in: the driver puts them on
+    # its sys.path and every Ray worker of the job gets them through runtime_env py_modules (`--py-modules` adds).
+    py_modules: tuple[str, ...] = ()
+
+    @field_validator("py_modules")
+    @classmethod
+    def _absolute_modules(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(str(_absolute(p)) for p in v)
 
     @model_validator(mode="before")
     @classmethod

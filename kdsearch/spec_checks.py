@@ -115,6 +115,20 @@ def check_given_student(spec: Spec) -> None:
                                                        kwargs=spec.student.kwargs))
 
 
+def check_py_modules(spec: Spec) -> None:
+    """Every `py_modules` entry is a package folder or a .whl file here (Ray's runtime_env takes nothing else)."""
+    import os
+
+    for i, p in enumerate(spec.py_modules):
+        if p.endswith(".whl") and os.path.isfile(p):
+            continue
+        if not os.path.isdir(p):
+            raise SpecError(f"py_modules[{i}]", f"'{p}' is not a folder or a .whl file; give the folder of your package "
+                                                "(the one holding __init__.py)")
+        if not os.path.isfile(os.path.join(p, "__init__.py")):
+            raise SpecError(f"py_modules[{i}]", f"'{p}' has no __init__.py; give the package folder itself")
+
+
 def check_spec(spec: Spec) -> None:
     check_imports(spec)
     check_given_student(spec)

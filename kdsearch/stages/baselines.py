@@ -104,7 +104,7 @@ def train_baselines(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     """Every seed's scratch and KD students: {'scratch s0': metrics, 'kd s0': metrics, ...}."""
     from ..raycluster import ensure_ray
 
-    ensure_ray(ctx.address)
+    ensure_ray(ctx.address, py_modules=ctx.py_modules)
     refs, pool = student_units(spec, ctx.run_dir)
     try:
         out = gather("baselines", refs)

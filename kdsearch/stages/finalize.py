@@ -224,7 +224,7 @@ def finalize_stage(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     for b in missing:
         log.warning("finalize: no completed trial and no solver configuration fits %g MB; nothing finalized for "
                     "that budget", b)
-    ensure_ray(ctx.address)
+    ensure_ray(ctx.address, py_modules=ctx.py_modules)
     res = Resources.for_spec(spec.device, spec.student.cpus, spec.student.gpus)
     pool = None
     if spec.distill.source == "live":

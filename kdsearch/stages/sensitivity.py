@@ -80,7 +80,7 @@ def sensitivity_stage(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     """Compute (or reuse) the table for the float student in a Ray task, then its priors and plot."""
     from ..raycluster import ensure_ray
 
-    ensure_ray(ctx.address)
+    ensure_ray(ctx.address, py_modules=ctx.py_modules)
     res = Resources.for_spec(spec.device, spec.student.cpus, spec.student.gpus)
     ref = submit(Unit("sensitivity table", _sensitivity_task, (spec.to_dict(), str(Path(ctx.run_dir).resolve())),
                       resources=res))

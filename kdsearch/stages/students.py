@@ -163,7 +163,7 @@ def students_stage(spec: Spec, ctx: RunContext) -> pd.DataFrame:
     from ..raycluster import ensure_ray
     from .tasks import Resources, Unit, gather, submit
 
-    ensure_ray(ctx.address)
+    ensure_ray(ctx.address, py_modules=ctx.py_modules)
     candidates = spec.student.candidates or (spec.student.arch,)
     res = Resources.for_spec(spec.device, spec.student.cpus, spec.student.gpus)
     run_dir = str(Path(ctx.run_dir).resolve())
