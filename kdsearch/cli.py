@@ -34,7 +34,7 @@ class UsageError(RuntimeError):
 # (module, class) of the exceptions that are user mistakes: printed as one line, exit 2.
 USER_ERRORS = (("kdsearch.spec", "SpecError"), ("kdsearch.checkpoints", "CheckpointError"),
                ("kdsearch.data_checks", "DataError"), ("kdsearch.runtime", "DeviceError"),
-               ("kdsearch.status", "RunDirError"))
+               ("kdsearch.status", "RunDirError"), ("kdsearch.imports", "ImportPathError"))
 
 
 def _loaded(*classes: tuple[str, str]) -> tuple[type[BaseException], ...]:
@@ -226,11 +226,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_py_modules(run_dir: Path) -> Path:
+    """The run's own `py_modules` (from its spec.yaml) importable here: its models may be a user's import paths."""
+    from .raycluster import use_py_modules
+    from .rundir import RunDir
+
+    use_py_modules(tuple((RunDir(run_dir).spec_dict() or {}).get("py_modules") or ()))
+    return run_dir
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
     from .status import check_run_dir
 
-    print(write_report(check_run_dir(args.run_dir)))
+    print(write_report(_run_py_modules(check_run_dir(args.run_dir))))
     return 0
 
 
@@ -246,7 +255,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .selection import export_default
     from .status import check_run_dir
 
-    rd = RunDir(check_run_dir(args.run_dir))
+    rd = RunDir(_run_py_modules(check_run_dir(args.run_dir)))
     if not rd.final_table.is_file():
         raise UsageError(f"{rd.root} has no finalized models yet; run `kdsearch run SPEC` until the finalize stage")
     df = pd.read_parquet(rd.final_table)

@@ -408,6 +408,8 @@ def render_report(run_dir: str | Path) -> str:
         f"* **Distillation:** {kd.get('strategy', distill.get('strategy', '?'))} ensemble, "
         f"T={distill.get('temperature')}, alpha={distill.get('alpha')}; epochs: FP32 students {student_epochs}, "
         f"finalize QAT {qat_epochs}; activations {quant.get('act_bits')}-bit",
+        f"* **Search sampler:** {(spec.get('search') or {}).get('sampler', '?')} "
+        f"{(spec.get('search') or {}).get('sampler_kwargs') or ''}".rstrip(),
         f"* **Provenance:** kdsearch {meta.get('kdsearch_version', __version__)}, "
         f"git {meta.get('git_commit') or '?'}, torch {meta.get('torch', '?')}; "
         f"report written {time.strftime('%Y-%m-%d %H:%M:%S')}", "",

@@ -79,12 +79,17 @@ def _spec(tmp_path: Path, **extra) -> Path:
     return path
 
 
-def test_py_modules_flag_makes_the_users_package_importable_for_validate(tmp_path, capsys):
-    pkg = tmp_path / "user" / "kds_flag_pkg"
+def _write_pkg(pkg: Path) -> Path:
+    """A user's package with one factory `net(num_classes, width)` (not importable until someone ships it)."""
     pkg.mkdir(parents=True)
-    (pkg / "__init__.py").write_text("from torch import nn\n\ndef net(num_classes=10):\n"
-                                     "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), "
-                                     "nn.Flatten(), nn.Linear(4, num_classes))\n")
+    (pkg / "__init__.py").write_text("from torch import nn\n\ndef net(num_classes=10, width=4):\n"
+                                     "    return nn.Sequential(nn.Conv2d(3, width, 3), nn.AdaptiveAvgPool2d(1), "
+                                     "nn.Flatten(), nn.Linear(width, num_classes))\n")
+    return pkg
+
+
+def test_py_modules_flag_makes_the_users_package_importable_for_validate(tmp_path, capsys):
+    pkg = _write_pkg(tmp_path / "user" / "kds_flag_pkg")
     data = yaml.safe_load(_spec(tmp_path).read_text())
     data["student"] = {**data["student"], "arch": "kds_flag_pkg:net", "candidates": []}
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(data))
@@ -105,3 +110,40 @@ def test_a_bad_py_modules_entry_is_one_line(entry, cause, tmp_path, capsys):
     assert main(["validate", str(spec), "--run-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "spec field 'py_modules[0]'" in err and cause in err, err
+
+
+def test_report_imports_the_runs_own_py_modules_and_a_missing_one_is_one_line(tmp_path, capsys):
+    """`kdsearch report RUN_DIR` rebuilds the student to size it: from the run's spec.yaml py_modules."""
+    from kdsearch.checkpoints import save_model
+    from kdsearch.io import atomic_write_json
+    from kdsearch.spec import load_spec
+
+    pkg = _write_pkg(tmp_path / "user" / "kds_report_pkg")
+    run = tmp_path / "run"
+    spec = load_spec("smoke", {"student.arch": "kds_report_pkg:net", "student.kwargs": {"width": 6},
+                               "student.candidates": [], "py_modules": [str(pkg)]})
+    spec.save(run / "spec.yaml")
+    sys.path.insert(0, str(tmp_path / "user"))
+    try:
+        from kds_report_pkg import net
+
+        save_model(run / "students" / "s0" / "kd.pt", net(10, 6), arch="kds_report_pkg:net", num_classes=10,
+                   kwargs={"width": 6})
+    finally:
+        sys.path.remove(str(tmp_path / "user"))
+        sys.modules.pop("kds_report_pkg", None)
+    atomic_write_json(run / "students" / "s0" / "kd.json", {"kind": "kd", "seed": 0, "val_acc": 50.0, "test_acc": 40.0})
+    try:
+        assert main(["report", str(run)]) == 0, capsys.readouterr().err
+        text = (run / "report.md").read_text()
+        assert "kds_report_pkg:net" in text and f"{(3 * 6 * 9 + 6 + 6 * 10 + 10) * 4 / 1e6:.4f}" in text
+        capsys.readouterr()
+        sys.path[:] = [p for p in sys.path if p != str(tmp_path / "user")]
+        sys.modules.pop("kds_report_pkg", None)
+        spec.model_copy(update={"py_modules": ()}).save(run / "spec.yaml")
+        assert main(["report", str(run)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "no module named 'kds_report_pkg'" in err, err
+    finally:
+        sys.path[:] = [p for p in sys.path if p != str(tmp_path / "user")]
+        sys.modules.pop("kds_report_pkg", None)
