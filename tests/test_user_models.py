@@ -110,3 +110,16 @@ def test_the_report_lists_what_stays_float(tmp_path):
     atomic_write_json(tmp_path / "sensitivity" / "priors.json", {"metric": "kl", "float": parts})
     text = "\n".join(_sensitivity_section(tmp_path))
     assert "Stays in float" in text and "* LayerNorm is not an nn.Conv2d: 1 (16 parameters): norm" in text
+
+
+def test_a_model_without_second_derivatives_gets_omega_kl_and_no_hessian():
+    """torchvision's MobileNetV3 uses hardsigmoid, which has no double backward: HAWQ's trace cannot be computed,
+    omega_kl can; the table says so instead of failing the stage."""
+    from kdsearch.sensitivity import sensitivity_table
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Hardsigmoid(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    table, t = sensitivity_table(model, torch.randn(8, 3, 8, 8), torch.arange(8) % 3, {"0": [8, 4], "4": [8]},
+                                 hutchinson_samples=2)
+    assert table["omega_hessian"].isna().all() and table["omega_kl"].notna().all()
+    assert "derivative for" in t.hessian_skipped and "hardsigmoid" in t.hessian_skipped
