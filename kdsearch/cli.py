@@ -106,6 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .imports import is_import_path
     from .models import is_model
     from .pipeline import check_stages
     from .stages.baselines import student_units
@@ -130,7 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         finally:
             if pool is not None:
                 pool.shutdown()
-    elif is_model(args.model):
+    elif is_model(args.model) or is_import_path(args.model):
         from .fp32 import train_float_model
         from .runtime import resolve_device
 

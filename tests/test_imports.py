@@ -191,3 +191,19 @@ def test_spec_error_for_a_bad_arch_names_import_paths():
     with pytest.raises(SpecError, match="or an import path"):
         parse_spec({**yaml.safe_load((builtin_spec_dir() / "smoke.yaml").read_text()),
                     "student": {"arch": "resnet_unknown"}})
+
+
+def test_kwargs_are_part_of_a_models_inputs_key_and_leave_other_keys_alone():
+    """A finished model is reused only under the same key: another `kwargs:` builds another model."""
+    from kdsearch.io import stable_hash
+    from kdsearch.recipes import data_key, float_model_key, model_seed
+    from kdsearch.spec import load_spec
+
+    plain = load_spec("smoke")
+    wide = load_spec("smoke", {"student.kwargs": {"width": 2}})
+    cfg = plain.student.train
+    assert float_model_key(plain, "tiny_cnn", cfg, 0) != float_model_key(wide, "tiny_cnn", cfg, 0)
+    assert float_model_key(plain, "tiny_cnn", cfg, 0) == stable_hash(
+        {"data": data_key(plain), "arch": "tiny_cnn", "train": cfg.model_dump(mode="json"),
+         "seed": model_seed("tiny_cnn", 0), "extra": None})  # the key of a run made before kwargs existed
+    assert float_model_key(wide, "resnet8", cfg, 0) == float_model_key(plain, "resnet8", cfg, 0)  # a teacher's
