@@ -221,7 +221,10 @@ class TeachersConfig(_Cfg):
 class StudentConfig(_Cfg):
     arch: str  # a registered name or an import path package.module:factory
     kwargs: dict[str, Any] = Field(default_factory=dict)  # factory(num_classes=..., **kwargs)
-    candidates: tuple[str, ...] = ()  # for `kdsearch students`: architectures ranked by quantizability
+    # For `kdsearch students`: architectures ranked by quantizability; an entry is a name / import path, or
+    # {arch: ..., kwargs: {...}}, whose kwargs are kept in candidate_kwargs (arch -> kwargs).
+    candidates: tuple[str, ...] = ()
+    candidate_kwargs: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # A trained float student (loaded weights_only): it is the FP32 row, measured on this run's splits, and the
     # start of the KD fine-tuning, the QAT runs and the search; no student is trained from scratch.
     checkpoint: str | None = None
@@ -245,6 +248,21 @@ class StudentConfig(_Cfg):
     @classmethod
     def _absolute_checkpoint(cls, v: str | None) -> str | None:
         return _absolute(v)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _candidate_mappings(cls, data: Any) -> Any:
+        cands = data.get("candidates") if isinstance(data, dict) else None
+        if not isinstance(cands, (list, tuple)) or not any(isinstance(c, dict) for c in cands):
+            return data
+        kwargs = dict(data.get("candidate_kwargs") or {})
+        names = []
+        for c in cands:
+            if isinstance(c, dict) and set(c) <= {"arch", "kwargs"} and isinstance(c.get("arch"), str):
+                kwargs[c["arch"]] = _check_kwargs(dict(c.get("kwargs") or {}))
+                c = c["arch"]
+            names.append(c)  # anything else: the field's own validation names it
+        return {**data, "candidates": names, "candidate_kwargs": {k: v for k, v in kwargs.items() if v}}
 
     @field_validator("candidates")
     @classmethod
@@ -426,9 +444,11 @@ class Spec(_Cfg):
         return self.model_dump(mode="json")
 
     def model_kwargs(self, arch: str) -> dict[str, Any]:
-        """The `kwargs:` the spec gives beside `arch` (the student's, else a teacher's; {} for a candidate)."""
+        """The `kwargs:` the spec gives beside `arch`: the student's, else a candidate's, else a teacher's, else {}."""
         if arch == self.student.arch:
             return dict(self.student.kwargs)
+        if arch in self.student.candidate_kwargs:
+            return dict(self.student.candidate_kwargs[arch])
         return next((dict(t.kwargs) for t in self.teachers.models if t.arch == arch), {})
 
     def key_dict(self) -> dict[str, Any]:

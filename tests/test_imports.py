@@ -207,3 +207,17 @@ def test_kwargs_are_part_of_a_models_inputs_key_and_leave_other_keys_alone():
         {"data": data_key(plain), "arch": "tiny_cnn", "train": cfg.model_dump(mode="json"),
          "seed": model_seed("tiny_cnn", 0), "extra": None})  # the key of a run made before kwargs existed
     assert float_model_key(wide, "resnet8", cfg, 0) == float_model_key(plain, "resnet8", cfg, 0)  # a teacher's
+
+
+def test_a_candidate_takes_kwargs_beside_its_arch(userpkg, tmp_path, capsys):
+    from kdsearch.spec import load_spec
+
+    cands = ["resnet8", {"arch": "kds_user_pkg.nets:small", "kwargs": {"width": 5}}]
+    spec = load_spec("smoke", {"student.candidates": cands})
+    assert spec.student.candidates == ("resnet8", "kds_user_pkg.nets:small")
+    assert spec.model_kwargs("kds_user_pkg.nets:small") == {"width": 5} and spec.model_kwargs("resnet8") == {}
+    assert parse_spec(spec.to_dict()) == spec  # what every Ray task parses
+    bad = _spec(tmp_path, student__candidates=[{"arch": "kds_user_pkg.nets:small", "kwargs": {"depth": 2}}])
+    assert main(["validate", str(bad), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "spec field 'student.candidates[0]'" in err and "unexpected keyword argument 'depth'" in err, err

@@ -50,7 +50,7 @@ def candidate_path(spec: Spec, run_dir: Path, arch: str) -> Path:
     """The spec's own student shares the baselines' scratch file of seeds[0]; other candidates get their own."""
     if arch == spec.student.arch:
         return RunDir(run_dir).student("scratch", spec.seed)
-    return selection_dir(run_dir) / f"{arch}.pt"
+    return selection_dir(run_dir) / f"{arch.replace(':', '.')}.pt"  # an import path's colon: not in a file name
 
 
 def _calib_images(bundle: DataBundle, spec: Spec, device: torch.device) -> torch.Tensor:
