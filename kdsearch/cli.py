@@ -119,6 +119,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     out: dict[str, Any]
     if args.distill and args.model != "student":
         raise UsageError("--distill applies to --model student (the KD student)")
+    if args.distill and is_import_path(args.distill):
+        from .spec_checks import check_strategy
+
+        check_strategy("--distill", args.distill)
     if args.model in ("teachers", "teacher"):
         check_stages(spec, ctx, ["teachers"])
         out = train_teachers(spec, ctx)
@@ -316,6 +320,21 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _strategy_arg(text: str) -> str:
+    """`--distill`: a built-in strategy or an import path (its import is checked where it is used)."""
+    from .imports import check_import_path, is_import_path
+
+    if is_import_path(text):
+        try:
+            return check_import_path(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    if text not in STRATEGY_NAMES:
+        raise argparse.ArgumentTypeError(f"invalid choice: '{text}' (choose from {', '.join(STRATEGY_NAMES)} or an "
+                                         "import path package.module:function)")
+    return text
+
+
 def _spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", help="a built-in spec name (see `kdsearch specs`) or a YAML path")
     p.add_argument("--run-dir", help="run directory (default runs/<spec name>)")
@@ -338,8 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train teachers or the student from scratch")
     _spec_args(p)
     p.add_argument("--model", default="student", help="'teachers', 'student' or an architecture name")
-    p.add_argument("--distill", choices=STRATEGY_NAMES,  # from kdsearch.strategy_names: no torch at start-up
-                   help="train the student with ensemble KD from the trained teachers, with this strategy")
+    p.add_argument("--distill", type=_strategy_arg,  # kdsearch.strategy_names, kdsearch.imports: no torch at start-up
+                   help=f"train the student with ensemble KD from the trained teachers, with this strategy "
+                        f"({', '.join(STRATEGY_NAMES)} or package.module:function)")
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("sensitivity", help="layer-wise sensitivity table and bit-allocation priors "
                        "(runs the stages before it if needed)")

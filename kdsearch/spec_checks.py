@@ -56,7 +56,8 @@ def _check_model(field: str, arch: str, kwargs: dict[str, Any], num_classes: int
                                "have at least one")
 
 
-def _check_strategy(field: str, path: str) -> None:
+def check_strategy(field: str, path: str) -> None:
+    """Import the strategy `path` and call it once on [2, 4, 3] logits; each failure is one SpecError for `field`."""
     import inspect
 
     import torch
@@ -92,7 +93,7 @@ def check_imports(spec: Spec) -> None:
         if is_import_path(arch):
             _check_model(f"student.candidates[{i}]", arch, spec.model_kwargs(arch), classes, quantized=True)
     if is_import_path(spec.distill.strategy):
-        _check_strategy("distill.strategy", spec.distill.strategy)
+        check_strategy("distill.strategy", spec.distill.strategy)
     if is_import_path(spec.search.sampler) or spec.search.sampler_kwargs:
         from .search.searcher import make_sampler
 

@@ -221,3 +221,10 @@ def test_a_candidate_takes_kwargs_beside_its_arch(userpkg, tmp_path, capsys):
     assert main(["validate", str(bad), "--run-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "spec field 'student.candidates[0]'" in err and "unexpected keyword argument 'depth'" in err, err
+
+
+def test_train_distill_takes_an_import_path_and_checks_it_first(userpkg, tmp_path, capsys):
+    args = ["train", str(_spec(tmp_path)), "--run-dir", str(tmp_path / "run"), "--model", "student", "--distill"]
+    assert main([*args, "kds_user_pkg.nets:two_arg_strategy"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'--distill'" in err and "a strategy is called as" in err, err
