@@ -108,11 +108,12 @@ def create_model(name: str, num_classes: int = 10, **kw: Any) -> nn.Module:
     ``torchvision.models:mobilenet_v3_small``): kdsearch calls ``factory(num_classes=num_classes, **kw)``.
     Every way that can fail is an :class:`ImportPathError` (a ``ValueError``) of one line.
     """
+    entry = None if is_import_path(name) else _entry(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"create_model: num_classes must be a positive int, got {num_classes!r}")
-    if is_import_path(name):
+    if entry is None:
         return _import_model(name, num_classes, kw)
-    return _entry(name).builder(num_classes=num_classes, **kw)
+    return entry.builder(num_classes=num_classes, **kw)
 
 
 def _import_model(path: str, num_classes: int, kw: dict[str, Any]) -> nn.Module:
