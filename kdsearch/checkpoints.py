@@ -42,11 +42,14 @@ def save_model(
     num_classes: int,
     metrics: dict[str, Any] | None = None,
     meta: dict[str, Any] | None = None,
+    kwargs: dict[str, Any] | None = None,
 ) -> None:
+    """Write `model` with what rebuilds it: `arch` (a registered name or an import path) and the `kwargs` the
+    spec gave beside it, so `load_model` calls `create_model(arch, num_classes, **kwargs)` on its own."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_torch_save(
-        {"format": "kdsearch.model/1", "arch": arch, "num_classes": num_classes, "state_dict": state,
-         "metrics": metrics or {}, "meta": meta or {}},
+        {"format": "kdsearch.model/1", "arch": arch, "num_classes": num_classes, "kwargs": dict(kwargs or {}),
+         "state_dict": state, "metrics": metrics or {}, "meta": meta or {}},
         path,
     )
 
@@ -65,20 +68,23 @@ def read_model_file(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def load_model(
-    path: str | os.PathLike[str], *, arch: str | None = None, num_classes: int | None = None
+    path: str | os.PathLike[str], *, arch: str | None = None, num_classes: int | None = None,
+    kwargs: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a float model from a kdsearch model file, or from a bare state_dict when `arch` is given."""
+    """Rebuild a float model from a kdsearch model file, or from a bare state_dict when `arch` is given
+    (built as `create_model(arch, num_classes, **kwargs)`)."""
     obj = read_model_file(path)
     if obj.get("format", "").startswith("kdsearch.model/"):
         if arch is not None and obj["arch"] != arch:
             raise CheckpointError(f"'{path}' holds a {obj['arch']}, not a {arch}")
         arch, num_classes, state = obj["arch"], obj["num_classes"], obj["state_dict"]
+        kwargs = obj.get("kwargs") or {}
     else:  # an outside checkpoint: a state_dict, possibly wrapped as {"state_dict": ...} or {"model": ...}
         if arch is None or num_classes is None:
             raise CheckpointError(f"'{path}' has no kdsearch metadata; its architecture and num_classes are needed")
         state = obj.get("state_dict", obj.get("model", obj))
         state = {k.removeprefix("module."): v for k, v in state.items()}
-    model = create_model(arch, num_classes=num_classes)
+    model = create_model(arch, num_classes=num_classes, **(kwargs or {}))
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

@@ -34,7 +34,7 @@ class UsageError(RuntimeError):
 # (module, class) of the exceptions that are user mistakes: printed as one line, exit 2.
 USER_ERRORS = (("kdsearch.spec", "SpecError"), ("kdsearch.checkpoints", "CheckpointError"),
                ("kdsearch.data_checks", "DataError"), ("kdsearch.runtime", "DeviceError"),
-               ("kdsearch.status", "RunDirError"))
+               ("kdsearch.status", "RunDirError"), ("kdsearch.imports", "ImportPathError"))
 
 
 def _loaded(*classes: tuple[str, str]) -> tuple[type[BaseException], ...]:
@@ -63,6 +63,10 @@ def _load(args: argparse.Namespace) -> tuple[Spec, RunContext]:
     if getattr(args, "device", None):
         overrides["device"] = args.device  # --device is the spec's device: the Ray tasks resolve it where they run
     spec = load_spec(args.spec, overrides)
+    if getattr(args, "py_modules", None):  # --py-modules adds to the spec's own list
+        from .spec import parse_spec
+
+        spec = parse_spec(spec.to_dict(), {"py_modules": [*spec.py_modules, *args.py_modules]})
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / spec.name
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"run directory '{run_dir}' is a file, not a folder; give --run-dir a folder "
@@ -71,15 +75,18 @@ def _load(args: argparse.Namespace) -> tuple[Spec, RunContext]:
     _setup_logging(args)
     from .context import RunContext
     from .data_checks import check_data
-    from .spec_checks import check_spec
+    from .raycluster import use_py_modules
+    from .spec_checks import check_py_modules, check_spec
 
+    check_py_modules(spec)
+    use_py_modules(spec.py_modules)  # the driver imports the user's code as the workers will (check_spec builds it)
     check_spec(spec)
     check_data(spec.data)
     if args.address is None:  # a cluster is checked once joined (kdsearch.pipeline)
         from .raycluster import check_device
 
         check_device(spec.device, None)
-    ctx = RunContext.create(run_dir, device=spec.device, address=args.address)
+    ctx = RunContext.create(run_dir, device=spec.device, address=args.address, py_modules=spec.py_modules)
     return spec, ctx
 
 
@@ -99,6 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .imports import is_import_path
     from .models import is_model
     from .pipeline import check_stages
     from .stages.baselines import student_units
@@ -111,6 +119,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     out: dict[str, Any]
     if args.distill and args.model != "student":
         raise UsageError("--distill applies to --model student (the KD student)")
+    if args.distill and is_import_path(args.distill):
+        from .spec_checks import check_strategy
+
+        check_strategy("--distill", args.distill)
     if args.model in ("teachers", "teacher"):
         check_stages(spec, ctx, ["teachers"])
         out = train_teachers(spec, ctx)
@@ -123,7 +135,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         finally:
             if pool is not None:
                 pool.shutdown()
-    elif is_model(args.model):
+    elif is_model(args.model) or is_import_path(args.model):
         from .fp32 import train_float_model
         from .runtime import resolve_device
 
@@ -220,11 +232,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_py_modules(run_dir: Path) -> Path:
+    """The run's own `py_modules` (from its spec.yaml) importable here: its models may be a user's import paths."""
+    from .raycluster import use_py_modules
+    from .rundir import RunDir
+
+    use_py_modules(tuple((RunDir(run_dir).spec_dict() or {}).get("py_modules") or ()))
+    return run_dir
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
     from .status import check_run_dir
 
-    print(write_report(check_run_dir(args.run_dir)))
+    print(write_report(_run_py_modules(check_run_dir(args.run_dir))))
     return 0
 
 
@@ -240,7 +261,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .selection import export_default
     from .status import check_run_dir
 
-    rd = RunDir(check_run_dir(args.run_dir))
+    rd = RunDir(_run_py_modules(check_run_dir(args.run_dir)))
     if not rd.final_table.is_file():
         raise UsageError(f"{rd.root} has no finalized models yet; run `kdsearch run SPEC` until the finalize stage")
     df = pd.read_parquet(rd.final_table)
@@ -322,6 +343,21 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _strategy_arg(text: str) -> str:
+    """`--distill`: a built-in strategy or an import path (its import is checked where it is used)."""
+    from .imports import check_import_path, is_import_path
+
+    if is_import_path(text):
+        try:
+            return check_import_path(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    if text not in STRATEGY_NAMES:
+        raise argparse.ArgumentTypeError(f"invalid choice: '{text}' (choose from {', '.join(STRATEGY_NAMES)} or an "
+                                         "import path package.module:function)")
+    return text
+
+
 def _spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", help="a built-in spec name (see `kdsearch specs`) or a YAML path")
     p.add_argument("--run-dir", help="run directory (default runs/<spec name>)")
@@ -329,6 +365,8 @@ def _spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the spec's device")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a spec field, e.g. --set search.num_trials=8 (repeatable)")
+    p.add_argument("--py-modules", action="append", metavar="PATH",
+                   help="a package folder (or .whl) of your own code, shipped to every Ray worker (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -342,8 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train teachers or the student from scratch")
     _spec_args(p)
     p.add_argument("--model", default="student", help="'teachers', 'student' or an architecture name")
-    p.add_argument("--distill", choices=STRATEGY_NAMES,  # from kdsearch.strategy_names: no torch at start-up
-                   help="train the student with ensemble KD from the trained teachers, with this strategy")
+    p.add_argument("--distill", type=_strategy_arg,  # kdsearch.strategy_names, kdsearch.imports: no torch at start-up
+                   help=f"train the student with ensemble KD from the trained teachers, with this strategy "
+                        f"({', '.join(STRATEGY_NAMES)} or package.module:function)")
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("sensitivity", help="layer-wise sensitivity table and bit-allocation priors "
                        "(runs the stages before it if needed)")

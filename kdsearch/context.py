@@ -20,11 +20,13 @@ class RunContext:
     device_request: str = "auto"
     address: str | None = None  # Ray cluster address ("auto" joins `ray up`'s cluster); None starts a local Ray
     progress: bool = True  # live bars on a terminal; per-epoch log lines always
+    py_modules: tuple[str, ...] = ()  # the user's packages every Ray worker imports (runtime_env py_modules)
 
     @classmethod
     def create(cls, run_dir: str | Path, device: str = "auto", address: str | None = None,
-               progress: bool | None = None) -> "RunContext":
-        return cls(Path(run_dir), device, address, sys.stderr.isatty() if progress is None else progress)
+               progress: bool | None = None, py_modules: tuple[str, ...] = ()) -> "RunContext":
+        return cls(Path(run_dir), device, address, sys.stderr.isatty() if progress is None else progress,
+                   tuple(py_modules))
 
     @property
     def device(self) -> Any:

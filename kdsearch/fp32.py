@@ -53,7 +53,7 @@ def _finish(out: Path, model: torch.nn.Module, bundle: DataBundle, spec: Spec, k
     metrics = {**metrics, **split_accuracies(model, bundle, spec, device, cfg), "device": str(device),
                "node": where(), "data_version": bundle.version}
     save_model(out, model, arch=metrics["arch"], num_classes=bundle.num_classes, metrics=metrics,
-               meta=provenance(spec.to_dict(), inputs_key=key, data_version=bundle.version))
+               kwargs=spec.model_kwargs(metrics["arch"]), meta=provenance(spec.to_dict(), inputs_key=key, data_version=bundle.version))
     atomic_write_json(out.with_suffix(".json"), metrics)
     out.with_suffix(".ckpt").unlink(missing_ok=True)
     return metrics
@@ -72,7 +72,7 @@ def train_float_model(spec: Spec, arch: str, cfg: TrainConfig, out: Path, *, see
         return dict(read_model_file(out)["metrics"])
     bundle = bundle if bundle is not None else load_data(spec.data)
     seed_everything(model_seed(arch, seed))
-    model = create_model(arch, num_classes=bundle.num_classes)
+    model = create_model(arch, num_classes=bundle.num_classes, **spec.model_kwargs(arch))
     if arch == spec.student.arch:
         train = train_loader(spec, bundle, seed, batch_size=cfg.batch_size, device=device)
     else:
@@ -91,23 +91,52 @@ def train_float_model(spec: Spec, arch: str, cfg: TrainConfig, out: Path, *, see
 
 def import_teacher(spec: Spec, arch: str, src: str, out: Path, *, device: torch.device) -> dict[str, Any]:
     """A teacher trained elsewhere: load weights-only, measure it on our splits, keep a copy."""
+    return import_model(spec, arch, src, out, seed=spec.seed, kind="imported", device=device)
+
+
+def import_student(spec: Spec, out: Path, *, seed: int, device: torch.device) -> dict[str, Any]:
+    """The float student given as `student.checkpoint`: seed `seed`'s FP32 (scratch) student, not trained here.
+
+    Kind "given": the report's FP32 row is this model measured on this run's splits, and the KD student, the QAT
+    runs and the search start from its weights (`given_student_weights`)."""
+    assert spec.student.checkpoint is not None
+    return import_model(spec, spec.student.arch, spec.student.checkpoint, out, seed=seed, kind="given", device=device)
+
+
+def import_model(spec: Spec, arch: str, src: str, out: Path, *, seed: int, kind: str,
+                 device: torch.device) -> dict[str, Any]:
+    """A float model trained elsewhere: load weights-only, measure it on our splits, keep a copy as `out`."""
     from .io import file_digest
 
-    key = float_model_key(spec, arch, TrainConfig(), spec.seed, extra={"checkpoint": file_digest(Path(src))})
+    key = float_model_key(spec, arch, TrainConfig(), seed, extra={"checkpoint": file_digest(Path(src))})
     if is_current(out, key):
         return dict(read_model_file(out)["metrics"])
     bundle = load_data(spec.data)
-    model, _ = load_model(src, arch=arch, num_classes=bundle.num_classes)
+    model, _ = load_model(src, arch=arch, num_classes=bundle.num_classes, kwargs=spec.model_kwargs(arch))
     model.to(device)
-    metrics = {"arch": arch, "kind": "imported", "seed": spec.seed, "epochs": 0, "source": str(src),
+    metrics = {"arch": arch, "kind": kind, "seed": seed, "epochs": 0, "source": str(src),
                "params": sum(p.numel() for p in model.parameters())}
     return _finish(out, model, bundle, spec, key, metrics, device, None)
 
 
+def given_student_weights(spec: Spec, num_classes: int) -> dict[str, torch.Tensor] | None:
+    """The state_dict of `student.checkpoint` (weights only), or None when the spec trains its student."""
+    if spec.student.checkpoint is None:
+        return None
+    model, _ = load_model(spec.student.checkpoint, arch=spec.student.arch, num_classes=num_classes,
+                          kwargs=spec.student.kwargs)
+    return model.state_dict()
+
+
 def kd_model_key(spec: Spec, seed: int, strategy: str, teachers: str, source: str) -> str:
-    """Inputs of a KD student: the float recipe plus the loss, the teachers' files and the logit source."""
-    return float_model_key(spec, spec.student.arch, spec.student.train, seed,
-                           extra={"kd": kd_settings(spec, strategy), "teachers": teachers, "source": source})
+    """Inputs of a KD student: the float recipe plus the loss, the teachers' files and the logit source (and the
+    given student it starts from, if any)."""
+    from .io import file_digest
+
+    extra = {"kd": kd_settings(spec, strategy), "teachers": teachers, "source": source}
+    if spec.student.checkpoint is not None:
+        extra["start"] = file_digest(Path(spec.student.checkpoint))
+    return float_model_key(spec, spec.student.arch, spec.student.train, seed, extra=extra)
 
 
 def train_kd_student(spec: Spec, run_dir: Path, out: Path, *, seed: int, strategy: str, source: str,
@@ -131,14 +160,17 @@ def train_kd_student(spec: Spec, run_dir: Path, out: Path, *, seed: int, strateg
     train = train_loader(spec, bundle, seed, batch_size=cfg.batch_size, device=device, teacher=teachers,
                          epochs=cfg.epochs)
     seed_everything(model_seed(arch, seed))  # the scratch student's initialisation
-    model = create_model(arch, num_classes=bundle.num_classes)
+    model = create_model(arch, num_classes=bundle.num_classes, **spec.model_kwargs(arch))
+    given = given_student_weights(spec, bundle.num_classes)
+    if given is not None:  # KD fine-tunes the given student instead of training one from its initialisation
+        model.load_state_dict(given)
     loss = KDLoss.from_config(spec.distill, strategy, label_smoothing=cfg.label_smoothing)
     val = EvalLoader(bundle.val, batch_size=spec.data.eval_batch_size, device=device)
     result = fit(model, train, val, FitRun(cfg, normalizer=Normalizer.from_bundle(bundle), device=device,
                  ckpt_path=out.with_suffix(".ckpt"), teacher=teachers, kd_loss=loss, progress=progress,
                  desc=f"{arch} KD-{strategy} s{seed}", resume_key=key))
     metrics = {"arch": arch, "kind": "kd", "seed": seed, "epochs": cfg.epochs, "strategy": strategy,
-               "source": source, "temperature": loss.temperature, "alpha": loss.alpha,
+               "source": source, "start": spec.student.checkpoint, "temperature": loss.temperature, "alpha": loss.alpha,
                "params": sum(p.numel() for p in model.parameters()), "history": result.history}
     metrics = _finish(out, model, bundle, spec, key, metrics, device, cfg)
     log.info("%s (KD-%s, seed %d, %s teachers): val %.2f%%, test %.2f%%", arch, strategy, seed, source,

@@ -154,7 +154,7 @@ def check_stages(spec: Spec, ctx: RunContext, stages: list[str]) -> Any:
 
     if not any(stage_sections(spec, s) for s in stages):
         return None
-    ensure_ray(ctx.address)
+    ensure_ray(ctx.address, py_modules=ctx.py_modules)
     view = cluster_view()
     check_capacity(spec, stages, view)
     return view

@@ -53,8 +53,22 @@ def worker_env() -> dict[str, str]:
     return {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+def use_py_modules(py_modules: tuple[str, ...]) -> None:
+    """Make the user's packages (folders or .whl files) importable in this process, as the workers will see them.
+
+    A folder `.../mypkg` is imported as `mypkg` (its parent goes on sys.path), a wheel from the wheel itself: the
+    same names Ray's `py_modules` gives every worker."""
+    for p in py_modules:
+        entry = p if p.endswith(".whl") else os.path.dirname(p.rstrip(os.sep))
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None, py_modules: tuple[str, ...] = ()) -> None:
     """Connect once per process. Local Ray needs no service; `address='auto'` joins `ray up`'s cluster.
+
+    `py_modules`: the user's packages (the spec's `py_modules`, `--py-modules`), shipped to every worker of the
+    job by Ray's runtime_env, so every task and trial on every node imports them (not from the driver's sys.path).
 
     Console output: worker lines without colour codes off a terminal, no token-authentication banner, no autoscaler
     event lines, and workers whose Ray Tune/Train loggers say only warnings and errors."""
@@ -66,7 +80,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     plain_worker_prefixes()
     logging.getLogger(TOKEN_BANNER_LOGGER).setLevel(logging.ERROR)
     kwargs: dict = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False,
-                    "runtime_env": {"worker_process_setup_hook": QUIET_WORKERS, "env_vars": worker_env()}}
+                    "runtime_env": {"worker_process_setup_hook": QUIET_WORKERS, "env_vars": worker_env(),
+                                    **({"py_modules": list(py_modules)} if py_modules else {})}}
     # No address means kdsearch's own local Ray. Ray's default for None is to join whatever cluster it finds on the
     # machine (another user's run, even one that is shutting down: a 13-minute hang on a shared VM); only RAY_ADDRESS,
     # Ray's documented way to point every process at a cluster, still overrides.

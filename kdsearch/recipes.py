@@ -63,9 +63,11 @@ def data_key(spec: Spec) -> dict[str, Any]:
 
 def float_model_key(spec: Spec, arch: str, cfg: TrainConfig, seed: int, extra: Any = None) -> str:
     """The inputs key of a float model (teacher or student): a file made under another key is not reused, and
-    a checkpoint written under another key is not resumed."""
+    a checkpoint written under another key is not resumed. The `kwargs:` beside `arch` build another model, so
+    they are part of it (only when given: the keys of models without kwargs stay what they were)."""
+    kwargs = spec.model_kwargs(arch)
     return stable_hash({"data": data_key(spec), "arch": arch, "train": cfg.model_dump(mode="json"),
-                        "seed": model_seed(arch, seed), "extra": extra})
+                        "seed": model_seed(arch, seed), "extra": extra, **({"kwargs": kwargs} if kwargs else {})})
 
 
 def kd_settings(spec: Spec, strategy: str) -> dict[str, Any]:

@@ -86,7 +86,7 @@ def _float_student(run_dir: Path) -> dict[str, Any]:
             from .models import create_model
             from .quant import model_size
 
-            size = model_size(create_model(obj["arch"], num_classes=obj["num_classes"]))
+            size = model_size(create_model(obj["arch"], num_classes=obj["num_classes"], **(obj.get("kwargs") or {})))
             return {"arch": obj["arch"], "num_classes": obj["num_classes"], "fp32_mb": size.total_mb,
                     "params": size.num_params, "meta": obj.get("meta", {})}
     return {}
@@ -129,6 +129,8 @@ def seed_table(run_dir: Path, spec: dict[str, Any], student: dict[str, Any]) -> 
     fp32, gbops = student.get("fp32_mb"), gbops_of_bits(run_dir, spec, student)
     for conf, kind in (("Baseline (Scratch)", "scratch"), ("KD (FP32)", "kd")):
         ms = students(run_dir, kind)
+        if ms and ms[0].get("kind") == "given":  # student.checkpoint: the user's model, measured, not trained
+            conf = "Baseline (given)"
         if ms:
             rows.append([conf, "FP32", fmt_ms([m.get("test_acc") for m in ms]), len(ms),
                          fmt_ms([m.get("val_acc") for m in ms]), f"{fp32:.4f}" if fp32 else "-",
@@ -198,9 +200,17 @@ def _allocation(models: pd.DataFrame | None, budget: float) -> pd.Series | None:
     return hit.iloc[0] if len(hit) else None
 
 
+def _given_note(spec: dict[str, Any]) -> str:
+    """Says that the float student was given (student.checkpoint), not trained by this run."""
+    given = (spec.get("student") or {}).get("checkpoint")
+    return (f" (given as `{given}`, not trained: the FP32 row is that model measured on this run's splits; KD, QAT "
+            "and the search start from it)") if given else ""
+
+
 def _teachers_line(run_dir: Path, spec: dict[str, Any]) -> str:
     order = [t if isinstance(t, str) else t.get("arch") for t in ((spec.get("teachers") or {}).get("models") or [])]
     found = {p.stem: read_json(p) for p in sorted(RunDir(run_dir).teachers_dir.glob("*.json"))}
+    found |= {a: found.get(RunDir(run_dir).teacher(a).stem) for a in order}  # an import path's file name
     archs = order or sorted(found)
     parts = [f"{a} (test {_pct(found[a].get('test_acc'))}%, val {_pct(found[a].get('val_acc'))}%)"
              if a in found and found[a] else f"{a} ({NOT_RUN})" for a in archs]
@@ -345,7 +355,22 @@ def _sensitivity_section(run_dir: Path) -> list[str]:
         for w in (w for w in priors.get("warm_starts_bops", []) if w.get("multiple") == 1.0):
             what = f"{w['gbops']:.4g} GBOPs" if w.get("feasible") else f"infeasible ({w.get('reason')})"
             out.append(f"* Solver start for {w['base_budget_gbops']:g} GBOPs: {what}")
+        out += _float_lines(priors.get("float"))
     return out
+
+
+def _float_lines(parts: list[dict[str, Any]] | None) -> list[str]:
+    """What stays in float and why (the sensitivity stage's `float_parts`), one line per reason."""
+    if not parts:
+        return []
+    by_why: dict[str, list[dict[str, Any]]] = {}
+    for p in parts:
+        by_why.setdefault(p["why"], []).append(p)
+    lines = ["", "Stays in float (fp32 in the exported file), and why:"]
+    for why, ps in by_why.items():
+        names = ", ".join(p["name"] for p in ps[:6]) + (f" and {len(ps) - 6} more" if len(ps) > 6 else "")
+        lines.append(f"* {why}: {len(ps)} ({sum(p['params'] for p in ps):,} parameters): {names}")
+    return lines
 
 
 def _finalized_section(final: pd.DataFrame | None) -> list[str]:
@@ -409,11 +434,14 @@ def render_report(run_dir: str | Path) -> str:
     out = [
         f"# kdsearch report: {spec.get('name', p.name)}", "",
         f"* **Data:** {data.get('dataset', '?')} (version `{meta.get('data_version', NOT_RUN)}`)",
-        f"* **Student:** {student.get('arch') or (spec.get('student') or {}).get('arch', '?')}; "
+        f"* **Student:** {student.get('arch') or (spec.get('student') or {}).get('arch', '?')}"
+        f"{_given_note(spec)}; "
         f"**teacher ensemble:** {_teachers_line(p, spec)}",
         f"* **Distillation:** {kd.get('strategy', distill.get('strategy', '?'))} ensemble, "
         f"T={distill.get('temperature')}, alpha={distill.get('alpha')}; epochs: FP32 students {student_epochs}, "
         f"finalize QAT {qat_epochs}; activations {quant.get('act_bits')}-bit",
+        f"* **Search sampler:** {(spec.get('search') or {}).get('sampler', '?')} "
+        f"{(spec.get('search') or {}).get('sampler_kwargs') or ''}".rstrip(),
         f"* **Provenance:** kdsearch {meta.get('kdsearch_version', __version__)}, "
         f"git {meta.get('git_commit') or '?'}, torch {meta.get('torch', '?')}; "
         f"report written {time.strftime('%Y-%m-%d %H:%M:%S')}", "",

@@ -69,7 +69,7 @@ class RunDir:
         return self.root / "teachers"
 
     def teacher(self, arch: str) -> Path:
-        return self.teachers_dir / f"{arch}.pt"
+        return self.teachers_dir / f"{arch.replace(':', '.')}.pt"  # an import path's colon: not in a file name
 
     @property
     def students_dir(self) -> Path:

@@ -19,6 +19,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_serializer,
                       model_validator)
 
+from .imports import SHAPE, check_import_path, is_import_path
 from .io import atomic_write_text, stable_hash
 from .strategy_names import DEFAULT_STRATEGY, STRATEGY_NAMES
 
@@ -26,6 +27,7 @@ DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")
 AUGMENTS = ("none", "standard", "autoaugment", "randaugment", "trivialaugment")
 WEIGHT_BITS = (2, 3, 4, 5, 6, 8, 16, 32)
 DATASET_CLASSES = {"cifar10": 10, "cifar100": 100}
+SAMPLERS = ("tpe", "nsga2", "random")  # built in (kdsearch.search.searcher.make_sampler)
 
 
 class SpecError(ValueError):
@@ -144,23 +146,48 @@ def _absolute(path: str | None) -> str | None:
 
 
 def _check_arch(name: str) -> str:
-    # The static name list, not `kdsearch.models`: importing the registry imports torch (seconds).
+    # The static name list, not `kdsearch.models`: importing the registry imports torch (seconds). An import
+    # path is only checked for its shape here; `kdsearch.spec_checks` imports and builds it.
     from .model_names import known_model_names
 
+    if is_import_path(name):
+        return check_import_path(name)
     names = known_model_names()
     if name not in names:
-        raise ValueError(f"unknown architecture '{name}'; available: {', '.join(names)}")
+        raise ValueError(f"unknown architecture '{name}'; available: {', '.join(names)}, or an import path "
+                         f"{SHAPE.replace('name', 'factory')}")
     return name
 
 
+def _name_or_path(v: str, names: tuple[str, ...], what: str, path: str) -> str:
+    """A built-in name, or a well-formed import path (imported later, by `kdsearch.spec_checks`)."""
+    if is_import_path(v):
+        return check_import_path(v)
+    if v not in names:
+        raise ValueError(f"unknown {what} '{v}'; choose {', '.join(names)} or {path}")
+    return v
+
+
+def _check_kwargs(v: dict[str, Any]) -> dict[str, Any]:
+    if "num_classes" in v:
+        raise ValueError("num_classes comes from the data (data.num_classes or the dataset); remove it from kwargs")
+    return v
+
+
 class TeacherConfig(_Cfg):
-    arch: str
+    arch: str  # a registered name or an import path package.module:factory
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # factory(num_classes=..., **kwargs)
     checkpoint: str | None = None  # a trained checkpoint to use instead of training (loaded weights_only)
 
     @field_validator("arch")
     @classmethod
     def _arch(cls, v: str) -> str:
         return _check_arch(v)
+
+    @field_validator("kwargs")
+    @classmethod
+    def _kwargs(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return _check_kwargs(v)
 
     @field_validator("checkpoint")
     @classmethod
@@ -193,8 +220,15 @@ class TeachersConfig(_Cfg):
 
 
 class StudentConfig(_Cfg):
-    arch: str
-    candidates: tuple[str, ...] = ()  # for `kdsearch students`: architectures ranked by quantizability
+    arch: str  # a registered name or an import path package.module:factory
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # factory(num_classes=..., **kwargs)
+    # For `kdsearch students`: architectures ranked by quantizability; an entry is a name / import path, or
+    # {arch: ..., kwargs: {...}}, whose kwargs are kept in candidate_kwargs (arch -> kwargs).
+    candidates: tuple[str, ...] = ()
+    candidate_kwargs: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # A trained float student (loaded weights_only): it is the FP32 row, measured on this run's splits, and the
+    # start of the KD fine-tuning, the QAT runs and the search; no student is trained from scratch.
+    checkpoint: str | None = None
     train: TrainConfig = TrainConfig()
     # Resources of one student-sized unit of work (a scratch/KD student, a finalize model, the sensitivity
     # table, a candidate's check): each is a Ray task with these, so a cluster spreads them over its GPUs.
@@ -205,6 +239,31 @@ class StudentConfig(_Cfg):
     @classmethod
     def _arch(cls, v: str) -> str:
         return _check_arch(v)
+
+    @field_validator("kwargs")
+    @classmethod
+    def _kwargs(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return _check_kwargs(v)
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _absolute_checkpoint(cls, v: str | None) -> str | None:
+        return _absolute(v)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _candidate_mappings(cls, data: Any) -> Any:
+        cands = data.get("candidates") if isinstance(data, dict) else None
+        if not isinstance(cands, (list, tuple)) or not any(isinstance(c, dict) for c in cands):
+            return data
+        kwargs = dict(data.get("candidate_kwargs") or {})
+        names = []
+        for c in cands:
+            if isinstance(c, dict) and set(c) <= {"arch", "kwargs"} and isinstance(c.get("arch"), str):
+                kwargs[c["arch"]] = _check_kwargs(dict(c.get("kwargs") or {}))
+                c = c["arch"]
+            names.append(c)  # anything else: the field's own validation names it
+        return {**data, "candidates": names, "candidate_kwargs": {k: v for k, v in kwargs.items() if v}}
 
     @field_validator("candidates")
     @classmethod
@@ -217,12 +276,18 @@ class StudentConfig(_Cfg):
 class DistillConfig(_Cfg):
     """Ensemble KD (Hinton et al. 2015): loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE."""
 
-    # The default is the first of STRATEGY_NAMES (see kdsearch/strategy_names.py for why).
-    strategy: Literal[STRATEGY_NAMES] = DEFAULT_STRATEGY  # type: ignore[valid-type]
+    # The default is the first of STRATEGY_NAMES (see kdsearch/strategy_names.py for why); or an import path
+    # package.module:function with the strategies' signature (kdsearch.distill.strategies.Strategy).
+    strategy: str = DEFAULT_STRATEGY
     temperature: float = Field(4.0, gt=0)
     alpha: float = Field(0.9, ge=0, le=1)
     source: Literal["cache", "live"] = "cache"  # trials replay cached teacher logits, or ask the actor pool
     cache_epochs: int = Field(4, ge=1)  # seeded augmentation epochs whose teacher logits are cached
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy(cls, v: str) -> str:
+        return _name_or_path(v, STRATEGY_NAMES, "strategy", "an import path " + SHAPE.replace("name", "function"))
 
 
 class QuantConfig(_Cfg):
@@ -284,7 +349,10 @@ class SearchConfig(_Cfg):
     num_trials: int = Field(32, ge=1)
     trial_epochs: int = Field(2, ge=1)
     trial: TrainConfig = TrainConfig(epochs=2, lr=0.005, weight_decay=5e-5)
-    sampler: Literal["tpe", "nsga2", "random"] = "tpe"
+    # tpe, nsga2, random, or an Optuna sampler class by import path (optuna.samplers:QMCSampler, a user's own),
+    # built with sampler_kwargs (and seed=, when the class takes one and sampler_kwargs does not set it).
+    sampler: str = "tpe"
+    sampler_kwargs: dict[str, Any] = Field(default_factory=dict)
     warm_start: bool = True  # seed the sampler with the sensitivity solver's configs and uniform baselines
     max_concurrent: int | None = Field(None, ge=1)  # default: derived from resources
     gpus_per_trial: float = Field(0.0, ge=0)
@@ -292,6 +360,11 @@ class SearchConfig(_Cfg):
     asha: bool = True
     grace_period: int = Field(1, ge=1)
     max_failures: int = Field(2, ge=0)
+
+    @field_validator("sampler")
+    @classmethod
+    def _sampler(cls, v: str) -> str:
+        return _name_or_path(v, SAMPLERS, "sampler", "an Optuna sampler class " + SHAPE.replace("name", "Class"))
 
     @field_validator("budgets_mb", "budgets_gbops")
     @classmethod
@@ -355,6 +428,14 @@ class Spec(_Cfg):
     sensitivity: SensitivityConfig = SensitivityConfig()
     search: SearchConfig
     finalize: FinalizeConfig = FinalizeConfig()
+    # The user's own packages (folders or .whl files) that the spec's import paths live in: the driver puts them on
+    # its sys.path and every Ray worker of the job gets them through runtime_env py_modules (`--py-modules` adds).
+    py_modules: tuple[str, ...] = ()
+
+    @field_validator("py_modules")
+    @classmethod
+    def _absolute_modules(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(str(_absolute(p)) for p in v)
 
     @model_validator(mode="before")
     @classmethod
@@ -378,6 +459,14 @@ class Spec(_Cfg):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def model_kwargs(self, arch: str) -> dict[str, Any]:
+        """The `kwargs:` the spec gives beside `arch`: the student's, else a candidate's, else a teacher's, else {}."""
+        if arch == self.student.arch:
+            return dict(self.student.kwargs)
+        if arch in self.student.candidate_kwargs:
+            return dict(self.student.candidate_kwargs[arch])
+        return next((dict(t.kwargs) for t in self.teachers.models if t.arch == arch), {})
 
     def key_dict(self) -> dict[str, Any]:
         """The spec as a dict plus the pseudo-section `seed` (= seeds[0]), which the once-per-run stages read:

@@ -17,6 +17,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from ..imports import ImportPathError, is_import_path, resolve
+
 Strategy = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 """(teacher_logits [T, B, C], labels [B] int64, temperature) -> soft targets [B, C] (rows sum to 1)."""
 
@@ -40,6 +42,13 @@ def list_strategies() -> list[str]:
 
 
 def get_strategy(name: str) -> Strategy:
+    """The registered strategy ``name``, or the function an import path ``package.module:function`` names."""
+    if is_import_path(name):
+        fn = resolve(name)
+        if not callable(fn):
+            raise ImportPathError(f"{name} is a {type(fn).__name__}, not a function (teacher_logits, labels, "
+                                  "temperature) -> soft targets")
+        return fn  # type: ignore[no-any-return]
     try:
         return _STRATEGIES[name]
     except KeyError:

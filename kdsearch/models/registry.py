@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from ..imports import ImportPathError, call_failed, is_import_path, resolve
+
 KNOWN_TAGS: tuple[str, ...] = ("small", "student", "teacher")
 
 ModelBuilder = Callable[..., nn.Module]
@@ -101,8 +103,28 @@ def create_model(name: str, num_classes: int = 10, **kw: Any) -> nn.Module:
 
     ``kw`` goes to the builder (e.g. ``width_mult`` for MobileNetV2, ``memory_efficient`` for DenseNets).
     The model expects normalised float input ``[B, 3, H, W]`` and returns logits ``[B, num_classes]``.
+
+    ``name`` may also be an import path ``package.module:factory`` (a user's model, e.g.
+    ``torchvision.models:mobilenet_v3_small``): kdsearch calls ``factory(num_classes=num_classes, **kw)``.
+    Every way that can fail is an :class:`ImportPathError` (a ``ValueError``) of one line.
     """
-    entry = _entry(name)
+    entry = None if is_import_path(name) else _entry(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"create_model: num_classes must be a positive int, got {num_classes!r}")
+    if entry is None:
+        return _import_model(name, num_classes, kw)
     return entry.builder(num_classes=num_classes, **kw)
+
+
+def _import_model(path: str, num_classes: int, kw: dict[str, Any]) -> nn.Module:
+    factory = resolve(path)
+    if not callable(factory):
+        raise ImportPathError(f"{path} is a {type(factory).__name__}, not a callable that builds a model")
+    try:
+        model = factory(num_classes=num_classes, **kw)
+    except Exception as err:  # noqa: BLE001  (the user's code: any error is reported as one line)
+        raise call_failed(f"{path}(num_classes={num_classes}{''.join(f', {k}={v!r}' for k, v in kw.items())})",
+                          err) from None
+    if not isinstance(model, nn.Module):
+        raise ImportPathError(f"{path} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model

@@ -39,13 +39,14 @@ from .quantizers import HalfQuantizer, LsqActQuantizer, LsqWeightQuantizer, init
 from .onnx_export import export_onnx
 from .onnx_fusion import FusionError, FusionReport, check_fusion
 from .precision import strict_fp32, strict_fp32_active
-from .size import SizeReport, StoredTensor, model_size, storage_plan
+from .size import FloatPart, SizeReport, StoredTensor, float_parts, model_size, storage_plan
 
 __all__ = [
     "SUPPORTED_BITS",
     "BitConfig",
     "BopsReport",
     "DeadChannelError",
+    "FloatPart",
     "FoldingBatchNorm1d",
     "FusionError",
     "FusionReport",
@@ -70,6 +71,7 @@ __all__ = [
     "export_onnx",
     "export_quantized",
     "gbops_function",
+    "float_parts",
     "init_act_step",
     "init_weight_step",
     "input_shape_of",

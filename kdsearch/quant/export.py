@@ -259,7 +259,8 @@ def load_quantized(
             raise ValueError(f"{path}: no 'arch' in the metadata; pass model_factory to load_quantized")
         from kdsearch.models import create_model
 
-        model = create_model(meta["arch"], num_classes=int(meta["num_classes"]))
+        # "kwargs": what the spec gave beside an import-path arch (kdsearch.stages.finalize writes it)
+        model = create_model(meta["arch"], num_classes=int(meta["num_classes"]), **(meta.get("kwargs") or {}))
     else:
         model = model_factory()
     quantize(model, BitConfig.from_dict(meta["bit_config"]), weight_init="none", learn_steps=False)

@@ -13,6 +13,11 @@ What is counted (one entry per tensor of the file, see ``storage_plan``; ``expor
 Not counted: the safetensors header and the metadata JSON (names, shapes, BitConfig), a few KB to a few
 tens of KB; the export test bounds file size by ``total_bytes`` + 2% + 16 KB.
 
+This holds for any ``nn.Module``, not only the zoo's: every ``nn.Conv2d`` (grouped and depthwise included)
+and ``nn.Linear`` module is a quantizable layer, and whatever else has parameters is stored in fp32;
+``float_parts`` lists those and why (tests/test_user_models.py checks torchvision's MobileNetV3 against an
+independent count of its parameters at their bit-widths).
+
 MB are 10^6 bytes. ``avg_bits`` = 8 * total_bytes / num_params over *all* the float model's parameters
 (quantizer steps excluded from the count but their storage included), which is the seed's convention
 (MobileNetV2: 2,296,922 params x 4.8 bits / 8 = 1.378 MB, fp32 = 9.19 MB).
@@ -119,6 +124,41 @@ def storage_plan(
             if b is not None and bname not in m._non_persistent_buffers_set:
                 plan.append(StoredTensor(prefix + bname, "float", b.numel(), b.element_size() * 8))
     return plan
+
+
+@dataclass(frozen=True)
+class FloatPart:
+    """Parameters the exported file keeps in floating point, and why (for the sensitivity priors and the report)."""
+
+    name: str  # a module name, or a layer's "<name>.bias"
+    kind: str  # the module's class
+    params: int
+    why: str
+
+
+def float_parts(model: nn.Module, bit_config: Mapping[str, int] | None = None) -> list[FloatPart]:
+    """Everything of ``model`` that stays in float under ``bit_config`` (default: any), in module order."""
+    layers = dict(quantizable_layers(model))
+    bits = dict(bit_config or {})
+    out: list[FloatPart] = []
+    for name, m in model.named_modules():
+        if isinstance(m, _QUANTIZER_TYPES):
+            continue
+        own = {n: p.numel() for n, p in m.named_parameters(recurse=False)}
+        kind = type(m).__name__
+        if not own:
+            continue
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            out.append(FloatPart(name, kind, sum(own.values()), "BatchNorm: folded into one fp32 y*a+b per channel"))
+        elif name in layers and bits.get(name) == 32:
+            out.append(FloatPart(name, kind, sum(own.values()), "32 bits in this configuration (e.g. a pin)"))
+        elif name in layers:
+            out += [FloatPart(f"{name}.{n}", kind, c, "bias: fp32, added to the integer accumulator")
+                    for n, c in own.items() if n != "weight"]
+        else:
+            out.append(FloatPart(name or "(model)", kind, sum(own.values()),
+                                 f"{kind} is not an nn.Conv2d or nn.Linear: no integer kernel, stored fp32"))
+    return out
 
 
 def _num_params(model: nn.Module) -> int:

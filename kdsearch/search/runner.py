@@ -98,7 +98,7 @@ def run_search(space: SearchSpace, cfg: SearchConfig, *, out_dir: str | Path, tr
                      "%d warm starts (%d over budget dropped)", len(space.searchable), len(space.fixed),
                      f"{space.cardinality:,}", budgets, len(points), dropped)
             writer = ResultsWriter(out_dir, space.layers, space.budget_mb, budget_gbops=space.budget_gbops)
-            searcher = BudgetSearch(space, sampler=make_sampler(cfg.sampler, seed, cfg.num_trials),
+            searcher = BudgetSearch(space, sampler=make_sampler(cfg.sampler, seed, cfg.num_trials, cfg.sampler_kwargs),
                                     trial_epochs=cfg.trial_epochs, points_to_evaluate=points, writer=writer,
                                     journal=journal)
             searcher.writer.write(searcher.study)  # tables exist (empty) from the start

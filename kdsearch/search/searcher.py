@@ -22,6 +22,7 @@ most once a second (and at every snapshot), not after every event: the rebuild g
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import pickle
@@ -34,6 +35,7 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from ..imports import ImportPathError, call_failed, is_import_path, resolve
 from ..pareto import ACC, BOPS, COST_COLUMNS, SIZE
 from .results import ResultsWriter
 from .space import SearchSpace, space_function
@@ -44,20 +46,41 @@ log = logging.getLogger("kdsearch.search")
 REPORTED = ("epoch", ACC, SIZE, BOPS, "avg_bits", "epoch_s", "wall_s")
 
 
-def make_sampler(kind: str, seed: int, num_trials: int) -> optuna.samplers.BaseSampler:
-    """The spec's sampler: multivariate TPE (default), NSGA-II or random; always seeded."""
+def make_sampler(kind: str, seed: int, num_trials: int,
+                 kwargs: dict[str, Any] | None = None) -> optuna.samplers.BaseSampler:
+    """The spec's sampler: multivariate TPE (default), NSGA-II, random, or an Optuna sampler class by import path.
+
+    ``kwargs`` (the spec's ``search.sampler_kwargs``) override the built-ins' settings and build an imported
+    class; seeded unless ``kwargs`` says otherwise (an imported class gets ``seed=`` when it takes one).
+    """
+    kw = dict(kwargs or {})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if is_import_path(kind):
+            return _imported_sampler(kind, seed, kw)
         if kind == "tpe":
             # constant_liar: trials still running count as bad, so parallel workers do not all sample
             # the same promising region (Optuna's recommendation for distributed TPE).
-            return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
-                                              n_startup_trials=max(3, min(10, num_trials // 4)))
+            return optuna.samplers.TPESampler(**{"seed": seed, "multivariate": True, "constant_liar": True,
+                                                 "n_startup_trials": max(3, min(10, num_trials // 4)), **kw})
         if kind == "nsga2":
-            return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, num_trials // 4)))
+            return optuna.samplers.NSGAIISampler(**{"seed": seed,
+                                                    "population_size": max(4, min(50, num_trials // 4)), **kw})
         if kind == "random":
-            return optuna.samplers.RandomSampler(seed=seed)
-    raise ValueError(f"search.sampler must be one of tpe, nsga2, random (got {kind!r})")
+            return optuna.samplers.RandomSampler(**{"seed": seed, **kw})
+    raise ValueError(f"search.sampler must be one of tpe, nsga2, random or an import path (got {kind!r})")
+
+
+def _imported_sampler(path: str, seed: int, kw: dict[str, Any]) -> optuna.samplers.BaseSampler:
+    cls = resolve(path)
+    if not (isinstance(cls, type) and issubclass(cls, optuna.samplers.BaseSampler)):
+        raise ImportPathError(f"{path} is not an Optuna sampler class (a subclass of optuna.samplers.BaseSampler)")
+    if "seed" not in kw and "seed" in inspect.signature(cls).parameters:
+        kw["seed"] = seed
+    try:
+        return cls(**kw)
+    except Exception as err:  # noqa: BLE001  (any error of the user's class is one line)
+        raise call_failed(f"{path}({', '.join(f'{k}={v!r}' for k, v in kw.items())})", err) from None
 
 
 class BudgetSearch(OptunaSearch):

@@ -78,7 +78,8 @@ def compute_table(spec: Spec, model: torch.nn.Module, device: torch.device) -> t
     table["pinned"] = [n in pins for n in table["layer"]]
     timings.extra["data"] = load_s
     meta = {"fixed_bytes": fixed, "calib_size": int(idx.numel()), "device": str(device),
-            "seconds": timings.to_dict(), "layers": len(names), "rows": len(table)}
+            "seconds": timings.to_dict(), "layers": len(names), "rows": len(table),
+            "hessian_skipped": timings.hessian_skipped}
     return table, meta
 
 
@@ -118,6 +119,9 @@ def build_priors(spec: Spec, table: pd.DataFrame, fixed_bytes: int, model: torch
     names = list(dict.fromkeys(table["layer"]))
     pins = resolve_pins(names, spec.quant.pin)
     col = metric_column(spec.sensitivity.metric)
+    if table[col].isna().all():
+        raise ValueError(f"sensitivity.metric: {spec.sensitivity.metric} has no values for {spec.student.arch} (an op "
+                         "of the model has no second derivative, which the Hessian estimate needs); use metric: kl")
     excluded = excluded_choices(table, spec.sensitivity.exclude_above, col, pinned=pins)
     starts = warm_starts(table, fixed_bytes, spec.search.budgets_mb, spec.sensitivity.budgets_around,
                          metric=col, pinned=pins, excluded=excluded)

@@ -17,6 +17,7 @@ gradient-with-graph per calibration batch plus one HVP per sample vector.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from torch import Tensor, nn
 
 from ..quant.layers import make_weight_quantizer
 from ..quant.precision import strict_fp32
+
+log = logging.getLogger("kdsearch.sensitivity")
 
 WEIGHT_INIT = "mse"  # what `kdsearch.quant.quantize` initialises weight steps with (its default)
 
@@ -153,6 +156,7 @@ class Timings:
     float_logits_and_kl: float = 0.0  # includes quantizing each (layer, bits) weight once
     hessian: float = 0.0
     extra: dict[str, float] = field(default_factory=dict)
+    hessian_skipped: str = ""  # why the Hessian columns are NaN (the model has an op with no second derivative)
 
     def to_dict(self) -> dict[str, float]:
         d = {"kl": round(self.float_logits_and_kl, 3), "hessian": round(self.hessian, 3)}
@@ -188,8 +192,17 @@ def sensitivity_table(
         sweep = _sweep(model, images, bits_by_layer, batch_size, device)
         t.float_logits_and_kl = time.perf_counter() - t0
         t0 = time.perf_counter()
-        traces = hutchinson_mean_traces(model, images, labels, list(bits_by_layer), samples=hutchinson_samples,
-                                        seed=seed, batch_size=batch_size, device=device)
+        try:
+            traces = hutchinson_mean_traces(model, images, labels, list(bits_by_layer), samples=hutchinson_samples,
+                                            seed=seed, batch_size=batch_size, device=device)
+        except RuntimeError as err:
+            # A user's model may use an op without a second derivative (torchvision's MobileNetV3: hardsigmoid).
+            # HAWQ's trace needs one, omega_kl does not: the Hessian columns are NaN, and the reason is kept.
+            if "derivative for" not in str(err):
+                raise
+            t.hessian_skipped = str(err).splitlines()[0]
+            log.warning("sensitivity: no Hessian estimate (%s); omega_kl only", t.hessian_skipped)
+            traces = {name: float("nan") for name in bits_by_layer}
         t.hessian = time.perf_counter() - t0
     rows = []
     for index, (name, bits_list) in enumerate(bits_by_layer.items()):

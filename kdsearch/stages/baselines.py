@@ -41,9 +41,11 @@ def _setup(spec_dict: dict[str, Any]) -> tuple[Spec, Any]:
 
 
 def _scratch_task(spec_dict: dict[str, Any], run_dir: str, seed: int) -> dict[str, Any]:
-    from ..fp32 import train_float_model
+    from ..fp32 import import_student, train_float_model
 
     spec, device = _setup(spec_dict)
+    if spec.student.checkpoint is not None:  # the user's trained student stands where the scratch one would
+        return import_student(spec, RunDir(run_dir).student("scratch", seed), seed=seed, device=device)
     return train_float_model(spec, spec.student.arch, spec.student.train, RunDir(run_dir).student("scratch", seed),
                              seed=seed, device=device)
 
@@ -102,7 +104,7 @@ def train_baselines(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     """Every seed's scratch and KD students: {'scratch s0': metrics, 'kd s0': metrics, ...}."""
     from ..raycluster import ensure_ray
 
-    ensure_ray(ctx.address)
+    ensure_ray(ctx.address, py_modules=ctx.py_modules)
     refs, pool = student_units(spec, ctx.run_dir)
     try:
         out = gather("baselines", refs)

@@ -108,7 +108,8 @@ def _finalize_task(spec_dict: dict[str, Any], run_dir: str, cand: dict[str, Any]
     dead = dead_channels(model)  # export refuses any; recorded so that the table can say it counted them
     file_bytes = export_quantized(model, kdq, arch=spec.student.arch, num_classes=bundle.num_classes,
                                   input_shape=bundle.image_shape,
-                                  metadata={"id": c.id, "seed": seed, "spec": spec.name, "data_version": bundle.version})
+                                  metadata={"id": c.id, "seed": seed, "spec": spec.name, "data_version": bundle.version,
+                                            "kwargs": spec.model_kwargs(spec.student.arch)})
     norm = Normalizer.from_bundle(bundle)
     reloaded = load_quantized(kdq).to(device)
     val = EvalLoader(bundle.val, batch_size=spec.data.eval_batch_size, device=device)
@@ -223,7 +224,7 @@ def finalize_stage(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     for b in missing:
         log.warning("finalize: no completed trial and no solver configuration fits %g MB; nothing finalized for "
                     "that budget", b)
-    ensure_ray(ctx.address)
+    ensure_ray(ctx.address, py_modules=ctx.py_modules)
     res = Resources.for_spec(spec.device, spec.student.cpus, spec.student.gpus)
     pool = None
     if spec.distill.source == "live":

@@ -98,7 +98,7 @@ def search_stage(spec: Spec, ctx: RunContext, *, out_dir: Path | None = None, us
     seed = spec.seed if sampler_seed is None else int(sampler_seed)
     key = search_key(spec, student, priors) + (f"-s{seed}" if seed != spec.seed else "")
     _claim_dir(out, key)
-    ensure_ray(ctx.address)
+    ensure_ray(ctx.address, py_modules=ctx.py_modules)
     use_gpu = gpus_for(spec.device, spec.search.gpus_per_trial, cluster_view()) > 0
     teachers: Any = None
     reserved = 0.0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ def _sensitivity_task(spec_dict: dict[str, Any], run_dir: str) -> dict[str, Any]
     from ..context import setup_logging
     from ..data import image_shape
     from ..io import atomic_to_parquet, atomic_write_json, file_digest
+    from ..quant import float_parts
     from ..raycluster import task_device, where
     from ..runtime import set_cpu_threads
     from ..sensitivity import build_priors, compute_table, plot_sensitivity, table_key
@@ -67,6 +69,7 @@ def _sensitivity_task(spec_dict: dict[str, Any], run_dir: str) -> dict[str, Any]
     model = model.cpu()
     shape = image_shape(spec.data) if spec.search.budgets_gbops else (3, 32, 32)  # BOPs starts need the real one
     priors = build_priors(spec, table, int(meta["fixed_bytes"]), model, input_size=shape)
+    priors["float"] = [asdict(p) for p in float_parts(model)]  # what stays in float, and why (the report lists it)
     atomic_write_json(rd.priors_file, priors)
     plot_sensitivity(table, out_dir / "sensitivity.png")
     return {"table": str(table_path), "rows": len(table), "reused": reused, "model": model_path.name,
@@ -79,7 +82,7 @@ def sensitivity_stage(spec: Spec, ctx: RunContext) -> dict[str, Any]:
     """Compute (or reuse) the table for the float student in a Ray task, then its priors and plot."""
     from ..raycluster import ensure_ray
 
-    ensure_ray(ctx.address)
+    ensure_ray(ctx.address, py_modules=ctx.py_modules)
     res = Resources.for_spec(spec.device, spec.student.cpus, spec.student.gpus)
     ref = submit(Unit("sensitivity table", _sensitivity_task, (spec.to_dict(), str(Path(ctx.run_dir).resolve())),
                       resources=res))

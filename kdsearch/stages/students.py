@@ -50,7 +50,7 @@ def candidate_path(spec: Spec, run_dir: Path, arch: str) -> Path:
     """The spec's own student shares the baselines' scratch file of seeds[0]; other candidates get their own."""
     if arch == spec.student.arch:
         return RunDir(run_dir).student("scratch", spec.seed)
-    return selection_dir(run_dir) / f"{arch}.pt"
+    return selection_dir(run_dir) / f"{arch.replace(':', '.')}.pt"  # an import path's colon: not in a file name
 
 
 def _calib_images(bundle: DataBundle, spec: Spec, device: torch.device) -> torch.Tensor:
@@ -163,7 +163,7 @@ def students_stage(spec: Spec, ctx: RunContext) -> pd.DataFrame:
     from ..raycluster import ensure_ray
     from .tasks import Resources, Unit, gather, submit
 
-    ensure_ray(ctx.address)
+    ensure_ray(ctx.address, py_modules=ctx.py_modules)
     candidates = spec.student.candidates or (spec.student.arch,)
     res = Resources.for_spec(spec.device, spec.student.cpus, spec.student.gpus)
     run_dir = str(Path(ctx.run_dir).resolve())

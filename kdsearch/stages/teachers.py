@@ -41,7 +41,7 @@ def train_teachers(spec: Spec, ctx: RunContext) -> dict[str, dict[str, Any]]:
     """Train every teacher of the spec at once, one Ray task each; {arch: metrics}."""
     from ..raycluster import ensure_ray
 
-    ensure_ray(ctx.address)
+    ensure_ray(ctx.address, py_modules=ctx.py_modules)
     res = Resources.for_spec(spec.device, spec.teachers.cpus, spec.teachers.gpus)
     run_dir = str(Path(ctx.run_dir).resolve())
     refs = {t.arch: submit(Unit(f"teacher {t.arch}", _teacher_task, (spec.to_dict(), t.arch, run_dir), resources=res))
