@@ -463,7 +463,7 @@ def test_imagefolder_folder_archive_and_cache(tmp_path: Path, monkeypatch: pytes
     assert sorted(ants[:, 0, 0, 0].tolist()) == [0, 1, 2, 3] and (ants[:, :, 1, 1] == torch.tensor([30, 200, 30])).all()
     assert b.train.images[7, :, 1, 1].tolist() == [200, 30, 30] and b.train.images[7:, 0, 0, 0].tolist() == [0, 1, 2, 3]
     assert b.test.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
-    assert b.version.startswith("imagefolder-v1:mini:") and b.version.endswith(":n=11/1/12:c=3:val=1@0")
+    assert b.version.startswith("imagefolder-v2:mini:") and b.version.endswith(":n=11/1/12:c=3:val=1@0")
     cached = list((tmp_path / "cache" / "imagefolder").iterdir())
     assert len(cached) == 1
     monkeypatch.setattr("kdsearch.data.sources.decode_folder", lambda root: pytest.fail("decoded twice"))
@@ -477,6 +477,7 @@ def test_imagefolder_folder_archive_and_cache(tmp_path: Path, monkeypatch: pytes
     assert len(grown.train) == 12 and len(grown.val) == 1 and grown.version != b.version  # 13 - round(1.3)
     parent = load_data(DataConfig(dataset="imagefolder", root=str(tmp_path)))  # one level up, as extracted
     assert torch.equal(parent.train.images, grown.train.images) and torch.equal(parent.val.images, grown.val.images)
+    assert parent.version == grown.version  # another root, the same images: the same data version
     with pytest.raises(DataError, match="num_classes is 5"):
         load_data(DataConfig(dataset="imagefolder", root=str(root), num_classes=5))
 
@@ -491,6 +492,35 @@ def test_imagefolder_folder_archive_and_cache(tmp_path: Path, monkeypatch: pytes
     assert counts.tolist() == [2, 2, 2] and len(t.train) == 5 and len(t.val) == 1 and len(t.test) == 12
     assert torch.equal(t.test.images, grown.test.images)
     assert t.version.endswith(":n=5/1/12:c=3:val=1@0:subset-seed=0")
+
+
+def test_imagefolder_version_follows_content_not_path_or_mtime(tmp_path: Path) -> None:
+    """A copy of the archive on another node (another path, another mtime) is the same data to every resume key
+    and logit cache; one changed pixel is not."""
+    import os
+    import shutil
+
+    root = tmp_path / "mini"
+    _make_folder(root)
+    archive = tmp_path / "a" / "mini.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(root, arcname="mini")
+    first = load_data(DataConfig(dataset="imagefolder", root=str(archive)))
+    copy = tmp_path / "b" / "mini.tar.gz"
+    copy.parent.mkdir()
+    shutil.copyfile(archive, copy)
+    os.utime(copy, ns=(1, 1))
+    assert load_data(DataConfig(dataset="imagefolder", root=str(copy))).version == first.version
+    assert load_data(DataConfig(dataset="imagefolder", root=str(root))).version == first.version  # extracted
+    arr = np.full((8, 8, 3), COLOURS["ant"], dtype=np.uint8)
+    arr[0, 0], arr[4, 4] = 0, 1
+    Image.fromarray(arr).save(root / "test" / "ant" / "000.png")  # one pixel of one test image
+    changed = tmp_path / "c" / "mini.tar.gz"
+    changed.parent.mkdir()
+    with tarfile.open(changed, "w:gz") as tf:
+        tf.add(root, arcname="mini")
+    assert load_data(DataConfig(dataset="imagefolder", root=str(changed))).version != first.version
 
 
 def _add_val_folder(root: Path, per_class: int = 2, classes=COLOURS) -> None:
@@ -519,7 +549,7 @@ def test_imagefolder_own_val_folder_is_the_val_split(tmp_path: Path) -> None:
     assert b.val.labels.tolist() == [0, 0, 1, 1, 2, 2] and b.val.images[:, 0, 0, 0].tolist() == [100, 101] * 3
     assert b.val.images[4, :, 1, 1].tolist() == [200, 30, 30]  # cat, in folder order
     assert (b.train.images[:, 0, 0, 0] < 100).all() and (b.test.images[:, 0, 0, 0] < 100).all()
-    assert b.version.startswith("imagefolder-v1:withval:") and b.version.endswith(":n=12/6/12:c=3:val=folder")
+    assert b.version.startswith("imagefolder-v2:withval:") and b.version.endswith(":n=12/6/12:c=3:val=folder")
     assert (b.mean, b.std) == channel_stats(b.train.images)  # statistics of the train images only
 
     sub = load_data(DataConfig(dataset="imagefolder", root=str(root), train_size=6, test_size=3), seed=1)

@@ -7,6 +7,7 @@ Archives are streamed (tarfile) and decoded without being extracted: one pass, n
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
@@ -201,8 +202,25 @@ def decode_folder(root: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         tensors[f"{split}_images"] = torch.stack([x for x, _, _ in rows])
         tensors[f"{split}_labels"] = torch.tensor([index[c] for _, c, _ in rows], dtype=torch.int64)
     mean, std = channel_stats(tensors["train_images"])
-    meta = {"classes": json.dumps(classes), "mean": json.dumps(mean), "std": json.dumps(std)}
+    meta = {"classes": json.dumps(classes), "mean": json.dumps(mean), "std": json.dumps(std),
+            "content": content_digest(tensors, classes)}
     return tensors, meta
+
+
+def content_digest(tensors: dict[str, torch.Tensor], classes: list[str] | tuple[str, ...]) -> str:
+    """A hash of the decoded images, labels and class names: the data's version.
+
+    The cache file is found by a cheap fingerprint (path, size, mtime), but the version that resume keys and
+    logit caches fold in must not change when the same archive is copied to another node or another path, or
+    touched; it must change when any image does. Hashing the decoded uint8 arrays costs about a second per 200 MB,
+    once per decode (stored in the cache's metadata).
+    """
+    h = hashlib.sha256(json.dumps(list(classes)).encode())
+    for key in sorted(tensors):
+        t = tensors[key].contiguous()
+        h.update(f"{key}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.uint8 else t.numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _load_imagefolder(cfg: DataConfig, seed: int) -> DataBundle:
@@ -216,6 +234,8 @@ def _load_imagefolder(cfg: DataConfig, seed: int) -> DataBundle:
                 tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
         except Exception:  # an unreadable cache is only a cache: decode again
             tensors = {}
+    if tensors and "content" not in meta:  # a cache written before the version was content-based
+        tensors = {}
     if not tensors:
         tensors, meta = decode_folder(root)
         with atomic_path(path) as tmp:
@@ -228,7 +248,8 @@ def _load_imagefolder(cfg: DataConfig, seed: int) -> DataBundle:
     if cfg.num_classes is not None and cfg.num_classes != len(classes):
         raise DataError(f"data.num_classes is {cfg.num_classes} but {root} has {len(classes)} classes "
                         f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}); remove num_classes")
-    return _bundle(cfg, seed, splits, classes, mean, std, f"imagefolder-v1:{ident}")  # type: ignore[arg-type]
+    name = ident.split(":")[0]
+    return _bundle(cfg, seed, splits, classes, mean, std, f"imagefolder-v2:{name}:{meta['content']}")  # type: ignore[arg-type]
 
 
 # -- entry points ---------------------------------------------------------------------------------------
