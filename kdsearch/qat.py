@@ -4,8 +4,9 @@ same function with no training.
 
 The recipe, in order (each step's reason is in the function it calls):
 
-1. load the float student and swap its layers for quantized ones (`kdsearch.quant.quantize`): weight steps
-   from the float weights (MSE per channel), fixed at 8 bits and wider, learned log-steps below;
+1. load the float student, re-estimate its BatchNorm statistics (PreciseBN: calibration below runs on them)
+   and swap its layers for quantized ones (`kdsearch.quant.quantize`): weight steps from the float weights
+   (MSE per channel), fixed at 8 bits and wider, learned log-steps below;
 2. calibrate every activation range on `quant.calib_batches` un-augmented training batches, eval mode
    (`kdsearch.quant.calibrate`); with `train=False` this is post-training quantization (PTQ) and stops here;
 3. the ordinary training loop (`kdsearch.train.fit`): QAT+KD with a teacher source, plain QAT without; the
@@ -30,7 +31,7 @@ from torch import nn
 from .checkpoints import load_model
 from .spec import Spec, TrainConfig
 
-RECIPE_VERSION = 3  # part of every QAT model's inputs key: a model made by an older recipe is not reused
+RECIPE_VERSION = 4  # 4: PreciseBN before calibration; part of every QAT model's inputs key: a model made by an older recipe is not reused
 
 
 def recipe_key(spec: Spec) -> dict[str, Any]:
@@ -105,6 +106,17 @@ def qat_finetune(
     seed_everything(seed)
     model, _ = load_model(student_path)
     model.to(device)
+    if spec.quant.bn_batches > 0:
+        # PreciseBN (Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm", sec. 3) before the ranges are
+        # calibrated: calibration runs in eval mode, so it sees the running statistics, and those must describe
+        # the student's own final weights. A converged student barely moves. One whose running statistics lag its
+        # weights (torchvision's MobileNetV3 averages them with momentum 0.01, so a short or fine-tuned training
+        # leaves them near their initial values) otherwise gets 8-bit ranges of 1e-6 in eval mode while training
+        # mode's batch statistics give O(1) activations: 93-97% of them clipped, a near-zero batch variance in
+        # the next BatchNorm, and a first QAT gradient of 1e7 (float: 2). tests/test_qat.py holds this.
+        with strict_fp32():
+            reestimate_bn(model, augmented_train_batches(spec, bundle, spec.quant.bn_batches, cfg.batch_size, device,
+                                                         seed + 104729))
     quantize(model, BitConfig(dict(bit_config)).validate(model), act_bits=spec.quant.act_bits)
     with strict_fp32():
         calibrate(model, clean_train_batches(bundle, spec.quant.calib_batches, cfg.batch_size, device, seed))
