@@ -137,6 +137,34 @@ def test_8_bit_qat_does_not_end_below_its_own_ptq(trained):
     assert acc == pytest.approx(qat["val_acc"])
 
 
+def test_stale_batchnorm_statistics_do_not_spoil_the_calibrated_ranges(trained, tmp_path):
+    """A student whose running statistics lag its weights (torchvision's MobileNetV3 averages them with momentum
+    0.01) is calibrated on re-estimated ones (PreciseBN first): its 8-bit PTQ and QAT match the healthy model's.
+    Without the re-estimation (bn_batches=0 turns it off, and the one after QAT) the same model collapses."""
+    from kdsearch.checkpoints import load_model
+    from kdsearch.qat import qat_finetune
+    from kdsearch.selection import _uniform_bits
+
+    spec, bundle, path = trained
+    model, _ = load_model(path)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):  # as if hardly updated since initialisation
+            m.running_mean.zero_()
+            m.running_var.fill_(1e4)
+    stale = tmp_path / "stale.pt"
+    save_model(stale, model, arch="tiny_cnn", num_classes=4)
+    bits = _uniform_bits(model, spec.quant.pin, 8)
+    cfg = TrainConfig(epochs=1, lr=0.005, batch_size=64, weight_decay=5e-5)
+    _, healthy = qat_finetune(spec, path, bits, cfg, device=CPU, seed=0, bundle=bundle, train=False)
+    _, ptq = qat_finetune(spec, stale, bits, cfg, device=CPU, seed=0, bundle=bundle, train=False)
+    _, qat = qat_finetune(spec, stale, bits, cfg, device=CPU, seed=0, bundle=bundle)
+    assert healthy["val_acc"] > 2 * 25
+    assert ptq["val_acc"] >= healthy["val_acc"] - 2 and qat["val_acc"] >= healthy["val_acc"] - 2, (ptq, qat, healthy)
+    off = _spec(bn_batches=0)
+    _, broken = qat_finetune(off, stale, bits, cfg, device=CPU, seed=0, bundle=bundle, train=False)
+    assert broken["val_acc"] < healthy["val_acc"] - 10, (broken["val_acc"], healthy["val_acc"])
+
+
 def test_export_refuses_a_dead_channel(trained, tmp_path):
     from kdsearch.checkpoints import load_model
 
