@@ -258,7 +258,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from .io import atomic_path
     from .rundir import RunDir
-    from .selection import export_default
+    from .report import shipped_model
     from .status import check_run_dir
 
     rd = RunDir(_run_py_modules(check_run_dir(args.run_dir)))
@@ -271,8 +271,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                              f"{', '.join(dict.fromkeys(df['id']))}")
         model_id = args.model
     else:
-        budgets = [float(b) for b in (rd.spec_dict().get("search") or {}).get("budgets_mb") or []]
-        model_id = export_default(df, budgets)["id"]  # type: ignore[index]
+        model_id = shipped_model(rd.root)[1]["id"]  # type: ignore[index]
     rows = df[df["id"] == model_id]
     if args.seed is not None:
         rows = rows[rows["seed"] == args.seed]
@@ -413,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_report)
     p = sub.add_parser("export", help="write a finalized model as a packed .kdq file (or ONNX with QDQ nodes)")
     p.add_argument("run_dir")
-    p.add_argument("--model", help="a finalized model id (default: the best on validation within the first budget)")
+    p.add_argument("--model", help="a finalized model id (default: the best on validation within the first size "
+                   "and BOPs budgets)")
     p.add_argument("--seed", type=int, help="which seed's file (default: the one best on validation)")
     p.add_argument("--out", help="destination .kdq path (default ./<id>.kdq)")
     p.add_argument("--onnx", metavar="PATH", help="write integer ONNX (QDQ, fused by ONNX Runtime's CPU provider; "

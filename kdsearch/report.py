@@ -31,7 +31,7 @@ import pandas as pd
 from .io import atomic_write_text
 from .row_costs import fmt_gbops, gbops_of_bits, with_gbops
 from .rundir import RunDir, read_json
-from .selection import best_first, model_means
+from .selection import Budget, best_first, export_default, model_means, spec_budgets, within
 from .status import check_run_dir, markdown_table, run_spec, stage_rows
 from .tables import FRONT_FORMAT
 
@@ -103,6 +103,29 @@ def _final(run_dir: Path) -> pd.DataFrame | None:
     return pd.read_parquet(p) if p.is_file() else None
 
 
+def final_with_costs(run_dir: Path, spec: dict[str, Any], student: dict[str, Any]) -> pd.DataFrame | None:
+    """final.parquet with its ``gbops`` column (computed from the bits where finalize did not record it)."""
+    return with_gbops(_final(run_dir), gbops_of_bits(run_dir, spec, student))
+
+
+def budgets_of(spec: dict[str, Any]) -> list[Budget]:
+    """The run's size and BOPs budgets (`kdsearch.selection.Budget`), from its spec dict."""
+    search = spec.get("search") or {}
+    return spec_budgets([float(b) for b in search.get("budgets_mb") or []],
+                        [float(b) for b in search.get("budgets_gbops") or []])
+
+
+def shipped_model(run_dir: Path) -> tuple[pd.DataFrame | None, pd.Series | None]:
+    """final.parquet (with costs) and the model `kdsearch export` ships by default (`selection.export_default`)."""
+    spec = run_spec(run_dir)
+    final = final_with_costs(run_dir, spec, _float_student(run_dir))
+    if final is None:
+        return None, None
+    search = spec.get("search") or {}
+    return final, export_default(final, [float(b) for b in search.get("budgets_mb") or []],
+                                 [float(b) for b in search.get("budgets_gbops") or []])
+
+
 def _used(s: Any) -> frozenset[int]:
     return frozenset(int(b) for b in str(s).split("/") if b)
 
@@ -137,7 +160,7 @@ def seed_table(run_dir: Path, spec: dict[str, Any], student: dict[str, Any]) -> 
                          fmt_gbops(gbops(None)), "-", "32.00", _source(ms[0].get("source")), f"students/s*/{kind}.pt"])
         else:
             rows.append(_missing_row(conf, "FP32", NOT_RUN))
-    final = with_gbops(_final(run_dir), gbops)
+    final = final_with_costs(run_dir, spec, student)
     models = model_means(final) if final is not None else None
     uniform_bits = [int(b) for b in (spec.get("finalize") or {}).get("uniform_bits", (16, 8))]
     for conf, scheme, fid in UNIFORM_ROWS:
@@ -184,19 +207,19 @@ def _baseline_rows(spec: dict[str, Any], models: pd.DataFrame | None, final: pd.
     hit = models[models["id"] == fid] if models is not None and len(models) else None
     rows.append(_model_row(conf, scheme, hit.iloc[0], final) if hit is not None and len(hit)
                 else _missing_row(conf, scheme, NOT_RUN))
-    for budget in (spec.get("search") or {}).get("budgets_mb") or []:
-        alloc = _allocation(models, float(budget))
-        conf = f"Allocation only <= {float(budget):g} MB (solver)+KD"
+    for budget in budgets_of(spec):
+        alloc = _allocation(models, budget)
+        conf = f"Allocation only <= {budget} (solver)+KD"
         rows.append(_model_row(conf, alloc["label"], alloc, final) if alloc is not None
                     else _missing_row(conf, "-", NOT_RUN))
     return rows
 
 
-def _allocation(models: pd.DataFrame | None, budget: float) -> pd.Series | None:
+def _allocation(models: pd.DataFrame | None, budget: Budget) -> pd.Series | None:
     """The finalized model that carries the allocation-only role for ``budget`` (None if there is none)."""
     if models is None or not len(models):
         return None
-    hit = models[models["roles"].astype(str).str.contains(f"{ALLOCATION} <= {budget:g} MB", regex=False)]
+    hit = models[models["roles"].astype(str).str.contains(f"{ALLOCATION} <= {budget}", regex=False)]
     return hit.iloc[0] if len(hit) else None
 
 
@@ -240,7 +263,8 @@ def _by_seed(rows: list[dict[str, Any]] | pd.DataFrame, col: str = "test_acc") -
     return {int(m["seed"]): float(m[col]) for m in rows if m.get(col) is not None}
 
 
-def _efficiency(final: pd.DataFrame | None, run_dir: Path, student: dict[str, Any], budgets: list[float]) -> list[str]:
+def _efficiency(final: pd.DataFrame | None, run_dir: Path, student: dict[str, Any],
+                budgets: list[Budget]) -> list[str]:
     fp32 = student.get("fp32_mb")
     if not fp32:
         return [f"* Original size (FP32): {NOT_RUN}"]
@@ -266,19 +290,20 @@ def _efficiency(final: pd.DataFrame | None, run_dir: Path, student: dict[str, An
     lines.append(difference_line(f"`{pick['id']}` - KD (FP32), test accuracy", _by_seed(pick_rows), _by_seed(kd)))
     lines += _baseline_lines(final, models, kd, budgets)
     for b in budgets:
-        fits = models[models["size_mb"] <= b]
+        fits = within(models, [b])
         if len(fits):
             best = best_first(fits).iloc[0]
-            lines.append(f"* Best finalized model within {b:g} MB (chosen on validation): `{best['id']}` "
+            lines.append(f"* Best finalized model within {b} (chosen on validation): `{best['id']}` "
                          f"({best['label']}), test {fmt_ms(final[final['id'] == best['id']]['test_acc'])}% at "
-                         f"{best['size_mb']:.4f} MB, {fp32 / best['size_mb']:.1f}x smaller")
+                         f"{best['size_mb']:.4f} MB, {fp32 / best['size_mb']:.1f}x smaller, "
+                         f"{fmt_gbops(best.get('gbops'))} GBOPs")
         else:
-            lines.append(f"* Best finalized model within {b:g} MB: none")
+            lines.append(f"* Best finalized model within {b}: none")
     return lines
 
 
 def _baseline_lines(final: pd.DataFrame, models: pd.DataFrame, kd: list[dict[str, Any]],
-                    budgets: list[float]) -> list[str]:
+                    budgets: list[Budget]) -> list[str]:
     """What QAT added over post-training quantization, and what the search added over the one-shot allocation.
 
     Paired over seeds (same float student, same views), test accuracy, each with its verdict against the spread.
@@ -295,15 +320,15 @@ def _baseline_lines(final: pd.DataFrame, models: pd.DataFrame, kd: list[dict[str
         lines.append(difference_line("QAT KD 8-bit - KD (FP32), test accuracy", seeds_of("qat_kd_8"), _by_seed(kd)))
     for b in budgets:
         alloc = _allocation(models, b)
-        best = models[models["roles"].astype(str).str.contains(f"best <= {b:g} MB", regex=False)]
+        best = models[models["roles"].astype(str).str.contains(f"best <= {b}", regex=False)]
         if alloc is None or not len(best):
             continue
         pick = best.iloc[0]
         if pick["id"] == alloc["id"]:
-            lines.append(f"* What the search added within {b:g} MB: nothing measurable; its best configuration is "
+            lines.append(f"* What the search added within {b}: nothing measurable; its best configuration is "
                          f"the sensitivity solver's own (`{pick['id']}`), so the difference is 0 by construction")
             continue
-        lines.append(difference_line(f"What the search added within {b:g} MB: searched `{pick['id']}` "
+        lines.append(difference_line(f"What the search added within {b}: searched `{pick['id']}` "
                                      f"({pick['label']}, {pick['size_mb']:.4f} MB) - allocation only "
                                      f"`{alloc['id']}` ({alloc['label']}, {alloc['size_mb']:.4f} MB), test accuracy",
                                      seeds_of(pick["id"]), seeds_of(alloc["id"])))
@@ -412,6 +437,13 @@ def _add_latency(run_dir: Path, table: pd.DataFrame) -> list[str]:
             f"top-1 agreement of its integer ONNX with the `.kdq` on test: {best['agreement']:.2f}% (`bench.json`).", ""]
 
 
+def results_table(run_dir: Path, spec: dict[str, Any], student: dict[str, Any]) -> tuple[pd.DataFrame, list[str]]:
+    """The results table (`seed_table`) with its latency column and line where `kdsearch bench` has run: what
+    report.md and report.html both show."""
+    table = seed_table(run_dir, spec, student)
+    return table, _add_latency(run_dir, table)
+
+
 def render_report(run_dir: str | Path) -> str:
     """The report's markdown text (see the module doc)."""
     from . import __version__
@@ -421,10 +453,9 @@ def render_report(run_dir: str | Path) -> str:
     student = _float_student(p)
     meta = student.get("meta", {})
     data, quant = spec.get("data") or {}, spec.get("quant") or {}
-    final = _final(p)
-    table = seed_table(p, spec, student)
-    latency = _add_latency(p, table)
-    budgets = [float(b) for b in (spec.get("search") or {}).get("budgets_mb") or []]
+    final = final_with_costs(p, spec, student)
+    table, latency = results_table(p, spec, student)
+    budgets = budgets_of(spec)
     kd = (students(p, "kd") or [{}])[0]
     seeds = RunDir(p).seeds()
     distill = spec.get("distill") or {}
@@ -472,16 +503,15 @@ def run_answer(run_dir: str | Path, *, rich: bool = False) -> str:
 
     Built from the same functions as report.md, so the terminal and the report never disagree.
     """
-    from .selection import export_default
     from .tables import render_table
 
     p = check_run_dir(run_dir)
     rd = RunDir(p)
     spec = run_spec(p)
     student = _float_student(p)
-    final = _final(p)
+    final, pick = shipped_model(p)
     table = seed_table(p, spec, student).drop(columns=["Model"])
-    budgets = [float(b) for b in (spec.get("search") or {}).get("budgets_mb") or []]
+    budgets = budgets_of(spec)
     lines = [f"kdsearch: {spec.get('name', p.name)} (selected on validation, reported on test; test accuracy as "
              f"mean ± std over seeds {rd.seeds()})", "", render_table(table, rich=rich), ""]
     lines += [ln.replace("**", "").replace("`", "") for ln in _efficiency(final, p, student, budgets)]
@@ -490,8 +520,7 @@ def run_answer(run_dir: str | Path, *, rich: bool = False) -> str:
         lines.append(f"interactive: {rd.report_html}")
     if (rd.search_dir / "pareto.png").is_file():
         lines.append(f"front plot:  {rd.search_dir / 'pareto.png'}")
-    pick = export_default(final, budgets) if final is not None else None
-    if pick is not None:
+    if pick is not None and final is not None:
         rows = final[final["id"] == pick["id"]].sort_values(["val_acc", "seed"], ascending=[False, True])
         lines.append(f"to ship:     {rd.final_model(pick['id'], int(rows['seed'].iloc[0]))}  "
                      f"(`kdsearch export {p}` copies it; --onnx for ONNX)")
@@ -508,5 +537,5 @@ def write_report(run_dir: str | Path) -> Path:
     log.info("report: %s", out)
     from .report_html import write_report_html  # report.html beside it (skipped, with a log line, without plotly)
 
-    write_report_html(p, seed_table(p, run_spec(p), _float_student(p)))
+    write_report_html(p, *results_table(p, run_spec(p), _float_student(p)))
     return out

@@ -324,8 +324,9 @@ def _search_sections(run_dir: Path, budgets: list[float], budgets_gbops: Sequenc
     return out
 
 
-def render_html(run_dir: str | Path, table: pd.DataFrame) -> str:
-    """The whole page (see the module doc); `table` is report.md's results table (`kdsearch.report.seed_table`)."""
+def render_html(run_dir: str | Path, table: pd.DataFrame, notes: Sequence[str] = ()) -> str:
+    """The whole page (see the module doc); `table` is report.md's results table and ``notes`` its lines
+    below it (`kdsearch.report.results_table`: the latency column and speed-up line, after `kdsearch bench`)."""
     import plotly.offline
 
     from .status import check_run_dir, run_spec
@@ -344,6 +345,7 @@ def render_html(run_dir: str | Path, table: pd.DataFrame) -> str:
              '<p class="note">Test acc.: mean ± sample std over the n seeds; Val acc.: what ranked the model; '
              "Size: the size model (MB = 10^6 bytes); File: the exported .kdq on disk; GBOPs: 10^9 bit operations "
              "(MACs x weight bits x activation bits, HAWQ-V3) on one image.</p>",
+             *(f'<p class="note">{html.escape(n.replace("**", "").replace("`", ""))}</p>' for n in notes if n),
              *_search_sections(p, budgets, budgets_gbops),
              "<h2>Layer sensitivity</h2>",
              _figure(sensitivity_figure(pd.read_parquet(sens)), "sensitivity") if sens.is_file() else _missing(NOT_RUN)]
@@ -352,12 +354,12 @@ def render_html(run_dir: str | Path, table: pd.DataFrame) -> str:
             + "\n".join(parts) + "\n</body></html>\n")
 
 
-def write_report_html(run_dir: str | Path, table: pd.DataFrame) -> Path | None:
+def write_report_html(run_dir: str | Path, table: pd.DataFrame, notes: Sequence[str] = ()) -> Path | None:
     """Write runs/<name>/report.html atomically; None (and a log line) where plotly is not installed."""
     if not have_plotly():
         log.info("report: plotly is not installed; skipping report.html (pip install 'plotly>=5.18')")
         return None
     out = RunDir(run_dir).report_html
-    atomic_write_text(out, render_html(run_dir, table))
+    atomic_write_text(out, render_html(run_dir, table, notes))
     log.info("report: %s", out)
     return out

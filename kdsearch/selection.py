@@ -7,9 +7,9 @@ What gets finalized (one model per distinct configuration; a configuration chose
 trained once and carries every role):
 
 * the search's Pareto front, its ``finalize.top_k`` most accurate configurations;
-* for each of ``search.budgets_mb``, the most accurate completed trial within that budget (the search runs
-  under the first budget; a smaller one may have no trial, and then the sensitivity solver's configuration
-  for that budget, from ``priors.json``, stands in);
+* for each of ``search.budgets_mb`` and ``search.budgets_gbops``, the most accurate completed trial within that
+  budget (the search runs under the first budget of each kind; a smaller one may have no trial, and then the
+  sensitivity solver's configuration for that budget, from ``priors.json``, stands in);
 * the most accurate completed trial that mixes exactly widths within {16, 8} and within {8, 4}: the seed's
   "QAT Layer+KD Mixed 16/8-bit" and "Mixed 8/4-bit" rows, when the spec's bit choices allow them;
 * the seed's uniform baselines: QAT Scratch and QAT KD at ``finalize.uniform_bits`` (16 and 8 by default:
@@ -17,19 +17,23 @@ trained once and carries every role):
   means every layer at 16;
 * the two baselines a compressed model is judged against (as HAWQ-V3 and the QAT literature report them):
   **PTQ 8-bit** (``ptq_kd_8``: the FP32 KD student quantized to uniform 8 bits and calibrated, no training:
-  what did QAT add?) and, for each budget, **allocation only** (``alloc_<budget>mb``: the sensitivity
-  solver's own configuration, trained with finalize's QAT+KD recipe and no search: what did the search add?).
+  what did QAT add?) and, for each budget, **allocation only** (``alloc_<budget>mb`` / ``alloc_<budget>gbops``:
+  the sensitivity solver's own configuration for that budget, trained with finalize's QAT+KD recipe and no
+  search: what did the search add?).
+
+A size budget and a BOPs budget are two caps on two columns (``size_mb``, ``gbops``) of the same tables; `Budget`
+is one of them, so every rule above is written once for both.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 
-from .pareto import ACC, SIZE, pareto_front
+from .pareto import ACC, BOPS, SIZE, pareto_front
 
 MIXED_SETS: tuple[tuple[int, ...], ...] = ((16, 8), (8, 4))  # the seed's "Mixed 16/8-bit" and "Mixed 8/4-bit"
 KINDS = ("uniform", "searched", "solver", "ptq")
@@ -65,6 +69,49 @@ class Candidate:
             raise ValueError("Candidate.bits must name every quantizable layer")
 
 
+@dataclass(frozen=True)
+class Budget:
+    """One spec budget: ``value`` caps the ``column`` (``size_mb`` or ``gbops``) of a trial or finalized model."""
+
+    column: str
+    value: float
+
+    @property
+    def unit(self) -> str:
+        return "MB" if self.column == SIZE else "GBOPs"
+
+    def __str__(self) -> str:
+        return f"{self.value:g} {self.unit}"
+
+    @property
+    def alloc_id(self) -> str:
+        """The allocation-only candidate's id: ``alloc_0p5mb``, ``alloc_1p2gbops``."""
+        return f"alloc_{self.value:g}{self.unit.lower()}".replace(".", "p")
+
+    def solver_start(self, priors: Mapping[str, Any] | None) -> dict[str, int] | None:
+        """The sensitivity solver's configuration for exactly this budget (``priors.json``), if it found one."""
+        key, base = ("warm_starts", "base_budget_mb") if self.column == SIZE else ("warm_starts_bops",
+                                                                                 "base_budget_gbops")
+        for rec in (priors or {}).get(key, []):
+            if rec.get("multiple") == 1.0 and abs(float(rec.get(base, -1)) - self.value) < 1e-12 \
+                    and rec.get("feasible") and rec.get("bit_config"):
+                return {k: int(v) for k, v in rec["bit_config"].items()}
+        return None
+
+
+def spec_budgets(budgets_mb: Sequence[float] = (), budgets_gbops: Sequence[float] = ()) -> list[Budget]:
+    """The spec's budgets, sizes first, each kind in the spec's order."""
+    return [Budget(SIZE, float(b)) for b in budgets_mb] + [Budget(BOPS, float(b)) for b in budgets_gbops]
+
+
+def within(df: pd.DataFrame, budgets: Sequence[Budget]) -> pd.DataFrame:
+    """The rows of ``df`` within every one of ``budgets`` (a row without the budget's column fits none)."""
+    keep = pd.Series(True, index=df.index)
+    for b in budgets:
+        keep &= (df[b.column] <= b.value) if b.column in df.columns else False
+    return df[keep]
+
+
 def bits_used(bits: Mapping[str, int]) -> tuple[int, ...]:
     """The distinct widths of a configuration, widest first: (8, 4) for an 8/4 mix."""
     return tuple(sorted({int(b) for b in bits.values()}, reverse=True))
@@ -98,14 +145,14 @@ def uniform_candidates(model: Any, pin: Mapping[str, int], bits: tuple[int, ...]
     return out
 
 
-def allocation_candidates(budgets_mb: tuple[float, ...], priors: Mapping[str, Any] | None) -> list[Candidate]:
+def allocation_candidates(budgets_mb: Sequence[float], priors: Mapping[str, Any] | None,
+                          budgets_gbops: Sequence[float] = ()) -> list[Candidate]:
     """Per budget, the sensitivity solver's configuration (``priors.json``), QAT+KD-trained without a search."""
     out = []
-    for budget in budgets_mb:
-        bits = _solver_start(priors, budget)
+    for budget in spec_budgets(budgets_mb, budgets_gbops):
+        bits = budget.solver_start(priors)
         if bits is not None:
-            cid = f"alloc_{budget:g}mb".replace(".", "p")
-            out.append(Candidate(cid, "kd", True, bits, "solver", (f"{ALLOCATION_ROLE} <= {budget:g} MB",),
+            out.append(Candidate(budget.alloc_id, "kd", True, bits, "solver", (f"{ALLOCATION_ROLE} <= {budget}",),
                                  label=bits_label(bits)))
     return out
 
@@ -114,9 +161,11 @@ def _row_bits(row: pd.Series) -> dict[str, int]:
     return {c[len("bits."):]: int(row[c]) for c in row.index if c.startswith("bits.") and int(row[c]) > 0}
 
 
-def searched_candidates(results: pd.DataFrame, budgets_mb: tuple[float, ...], top_k: int,
-                        priors: Mapping[str, Any] | None = None) -> tuple[list[Candidate], list[float]]:
-    """The search's configurations to finalize (deduplicated, roles merged) and the budgets left without one."""
+def searched_candidates(results: pd.DataFrame, budgets_mb: Sequence[float], top_k: int,
+                        priors: Mapping[str, Any] | None = None,
+                        budgets_gbops: Sequence[float] = ()) -> tuple[list[Candidate], list[str]]:
+    """The search's configurations to finalize (deduplicated, roles merged) and the budgets left without one
+    (as text: "0.5 MB", "1.2 GBOPs")."""
     done = results[results["status"] == "completed"].dropna(subset=[ACC, SIZE])
     picks: dict[str, dict[str, Any]] = {}  # id -> {row or bits, roles}
 
@@ -127,20 +176,19 @@ def searched_candidates(results: pd.DataFrame, budgets_mb: tuple[float, ...], to
     front = best_first(pareto_front(done))
     for i, (_, row) in enumerate(front.head(top_k).iterrows(), start=1):
         add(row, f"front top-{i}")
-    missing: list[float] = []
+    missing: list[str] = []
     solver: dict[str, Candidate] = {}
-    for budget in budgets_mb:
-        fit_in = done[done[SIZE] <= budget]
+    for budget in spec_budgets(budgets_mb, budgets_gbops):
+        fit_in = within(done, [budget])
         if len(fit_in):
-            add(best_first(fit_in).iloc[0], f"best <= {budget:g} MB")
+            add(best_first(fit_in).iloc[0], f"best <= {budget}")
             continue
-        start = _solver_start(priors, budget)
+        start = budget.solver_start(priors)
         if start is None:
-            missing.append(budget)
+            missing.append(str(budget))
             continue
-        cid = f"alloc_{budget:g}mb".replace(".", "p")  # the allocation-only candidate stands in (merged)
-        solver[cid] = Candidate(cid, "kd", True, start, "solver", (f"solver <= {budget:g} MB",),
-                                label=bits_label(start))
+        cid = budget.alloc_id  # the allocation-only candidate stands in (merged)
+        solver[cid] = Candidate(cid, "kd", True, start, "solver", (f"solver <= {budget}",), label=bits_label(start))
     if len(done):
         used = done.apply(lambda r: bits_used(_row_bits(r)), axis=1)
         for allowed in MIXED_SETS:
@@ -153,15 +201,6 @@ def searched_candidates(results: pd.DataFrame, budgets_mb: tuple[float, ...], to
         out.append(Candidate(cid, "kd", True, bits, "searched", tuple(p["roles"]), int(row["number"]),
                              float(row[ACC]), label=bits_label(bits)))
     return out + list(solver.values()), missing
-
-
-def _solver_start(priors: Mapping[str, Any] | None, budget: float) -> dict[str, int] | None:
-    for rec in (priors or {}).get("warm_starts", []):
-        if rec.get("multiple") == 1.0 and abs(float(rec.get("base_budget_mb", -1)) - budget) < 1e-12 \
-                and rec.get("feasible") and rec.get("bit_config"):
-            return {k: int(v) for k, v in rec["bit_config"].items()}
-    return None
-
 
 
 def best_first(df: pd.DataFrame, acc: str = ACC, size: str = SIZE) -> pd.DataFrame:
@@ -198,14 +237,17 @@ def model_means(final: pd.DataFrame) -> pd.DataFrame:
     return first.join(stats).reset_index()
 
 
-def export_default(final: pd.DataFrame, budgets_mb: list[float]) -> pd.Series | None:
+def export_default(final: pd.DataFrame, budgets_mb: Sequence[float],
+                   budgets_gbops: Sequence[float] = ()) -> pd.Series | None:
     """The model `kdsearch export` ships without --model: the best (mean validation accuracy, then smaller)
-    within the first budget, else the best overall."""
+    within the first budget of each kind the spec gives (size and BOPs at once, when it gives both), else the
+    best overall."""
     models = model_means(final)
     if not len(models):
         return None
-    if budgets_mb:
-        fits = models[models["size_mb"] <= budgets_mb[0]]
+    firsts = spec_budgets(list(budgets_mb)[:1], list(budgets_gbops)[:1])
+    if firsts:
+        fits = within(models, firsts)
         if len(fits):
             return best_first(fits).iloc[0]
     return best_first(models).iloc[0]

@@ -109,10 +109,21 @@ def test_fp32_w8a8_w4a8_scale_as_the_definition_says():
 
 
 def test_torchvision_resnet18_matches_hawq_v3_published_gbops():
-    """HAWQ-V3 (Yao et al. 2021, Table 2): ResNet18 on 224x224 ImageNet is 1858 GBOPs in fp32, 116 at W8A8."""
+    """HAWQ-V3 (Yao et al. 2021, Table 2): ResNet18 on 224x224 ImageNet is 1858 GBOPs in fp32, 116 at W8A8, 34 at
+    W4A4."""
     torchvision = pytest.importorskip("torchvision")
     model = torchvision.models.resnet18()
     inv = layer_inventory(model, input_size=(3, 224, 224))
     assert round(model_bops(model, input_size=(3, 224, 224)).gbops) == 1858
     w8a8 = model_bops(model, BitConfig.uniform(inv, 8), act_bits=8, input_size=(3, 224, 224))
     assert round(w8a8.gbops) == 116
+    # W4A4 with the first conv and the fc at W8A8, as HAWQ-V3 keeps them (act_bits "same": each layer's inputs at
+    # its weight width): 34.71, against HAWQ-V3's published 34. Every conv W4A4 would be 29.03; only the first conv
+    # at W8A8 34.69. The first conv alone (118 M of 1814 M MACs, at 4x the BOPs per MAC) adds 5.66 GBOPs, so no
+    # other assignment of the two pinned layers comes nearer 34; the table gives no per-layer count, and the 2% gap
+    # matches truncating 34.7 rather than rounding it.
+    w4a4 = model_bops(model, BitConfig.uniform(inv, 4, pin={"first": 8, "last": 8}), act_bits="same",
+                      input_size=(3, 224, 224))
+    assert w4a4.gbops == pytest.approx(34.714, abs=1e-3)
+    assert model_bops(model, BitConfig.uniform(inv, 4), act_bits="same", input_size=(3, 224, 224)).gbops == \
+        pytest.approx(29.025, abs=1e-3)

@@ -152,14 +152,48 @@ def test_searched_candidates_front_budgets_mixed_and_solver() -> None:
     alloc = {c.id: c for c in allocation_candidates((2.0, 0.5, 0.1), priors)}  # every budget with a solver config
     assert set(alloc) == {"alloc_0p5mb"} and alloc["alloc_0p5mb"].roles == ("allocation only <= 0.5 MB",)
     assert alloc["alloc_0p5mb"].kd and alloc["alloc_0p5mb"].trains
-    assert missing == [0.1]  # no trial, no solver start
+    assert missing == ["0.1 MB"]  # no trial, no solver start
     assert all(c.start == "kd" and c.kd for c in cands)
     assert by_id["trial_00002"].label == "Mixed 8/4/2-bit" and by_id["trial_00000"].search_acc == 70.0
 
 
+def test_gbops_budgets_pick_their_own_best_and_allocation() -> None:
+    """A BOPs budget is a cap on the gbops column, with the same rules as a size budget: its best trial, the
+    solver's BOPs configuration where no trial fits, its allocation-only candidate; both kinds at once."""
+    b84, b44 = {"a": 8, "b": 4, "c": 8}, {"a": 4, "b": 4, "c": 4}
+    df = _results([(0, "completed", 70.0, 1.0, b84), (1, "completed", 72.0, 1.9, {"a": 8, "b": 8, "c": 8}),
+                   (2, "completed", 60.0, 0.8, b44)]).assign(gbops=[2.0, 4.0, 0.5])
+    priors = {"warm_starts_bops": [{"base_budget_gbops": 0.2, "multiple": 1.0, "feasible": True,
+                                    "bit_config": {"a": 2, "b": 2, "c": 2}},
+                                   {"base_budget_gbops": 3.0, "multiple": 1.0, "feasible": True, "bit_config": b84}]}
+    cands, missing = searched_candidates(df, (), top_k=0, priors=priors, budgets_gbops=(3.0, 1.0, 0.2, 0.01))
+    by_id = {c.id: c for c in cands}
+    assert by_id["trial_00000"].roles == ("best <= 3 GBOPs", "best mixed 8/4")
+    assert by_id["trial_00002"].roles == ("best <= 1 GBOPs",)
+    assert by_id["alloc_0p2gbops"].bits == {"a": 2, "b": 2, "c": 2} and by_id["alloc_0p2gbops"].kind == "solver"
+    assert missing == ["0.01 GBOPs"]
+    alloc = {c.id: c for c in allocation_candidates((), priors, (3.0, 0.2))}
+    assert set(alloc) == {"alloc_3gbops", "alloc_0p2gbops"}
+    assert alloc["alloc_3gbops"].roles == ("allocation only <= 3 GBOPs",)
+    both, _ = searched_candidates(df, (1.5,), top_k=0, priors=None, budgets_gbops=(3.0,))
+    assert {c.id: c.roles for c in both}["trial_00000"] == ("best <= 1.5 MB", "best <= 3 GBOPs", "best mixed 8/4")
+
+
+def test_export_default_respects_both_first_budgets() -> None:
+    from kdsearch.selection import export_default
+
+    final = pd.DataFrame({"id": ["big", "mid", "small"], "seed": 0, "val_acc": [80.0, 75.0, 70.0],
+                          "test_acc": [0.0, 0.0, 0.0], "size_mb": [2.0, 1.0, 0.5], "gbops": [4.0, 3.0, 1.0]})
+    assert export_default(final, [])["id"] == "big"
+    assert export_default(final, [1.5])["id"] == "mid"
+    assert export_default(final, [1.5], [2.0])["id"] == "small"  # mid fits the size, not the BOPs budget
+    assert export_default(final, [], [3.5])["id"] == "mid"
+    assert export_default(final.drop(columns="gbops"), [], [3.5])["id"] == "big"  # no gbops: none fits, best overall
+
+
 def test_searched_candidates_without_results() -> None:
     cands, missing = searched_candidates(pd.DataFrame(columns=["number", "status", ACC, "size_mb"]), (1.0,), 3)
-    assert cands == [] and missing == [1.0]
+    assert cands == [] and missing == ["1 MB"]
 
 
 def test_uniform_candidates_pins_are_floors() -> None:

@@ -67,7 +67,7 @@ def _finalize_task(spec_dict: dict[str, Any], run_dir: str, cand: dict[str, Any]
     from ..data import EvalLoader, Normalizer, load_data
     from ..distill import teacher_source
     from ..qat import qat_finetune
-    from ..quant import dead_channels, export_quantized, load_quantized, model_size
+    from ..quant import dead_channels, export_quantized, load_quantized, model_bops, model_size
     from ..raycluster import task_device, where
     from ..runtime import set_cpu_threads
     from ..spec import parse_spec
@@ -105,6 +105,7 @@ def _finalize_task(spec_dict: dict[str, Any], run_dir: str, cand: dict[str, Any]
                             ckpt_path=ckpt, bundle=bundle, desc=f"finalize {c.id} s{seed}", resume_key=key,
                             train=c.trains)
     size = model_size(model)
+    gbops = model_bops(model, input_size=bundle.image_shape).gbops  # the widths its modules run with
     dead = dead_channels(model)  # export refuses any; recorded so that the table can say it counted them
     file_bytes = export_quantized(model, kdq, arch=spec.student.arch, num_classes=bundle.num_classes,
                                   input_shape=bundle.image_shape,
@@ -123,7 +124,7 @@ def _finalize_task(spec_dict: dict[str, Any], run_dir: str, cand: dict[str, Any]
     metrics = {
         **asdict(c), "roles": list(c.roles), "bits": None, "seed": seed, "arch": spec.student.arch,
         "bit_config": dict(c.bits), "bits_used": list(bits_used(c.bits)), "val_acc": m["val_acc"],
-        "export_val_acc": export_val, "export_ok": ok, "test_acc": test_acc, "size_mb": size.total_mb,
+        "export_val_acc": export_val, "export_ok": ok, "test_acc": test_acc, "size_mb": size.total_mb, "gbops": gbops,
         "total_bytes": size.total_bytes, "file_bytes": file_bytes, "avg_bits": size.avg_bits, "fp32_mb": size.fp32_mb,
         "compression": size.compression, "epochs": cfg.epochs if c.trains else 0, "file": kdq.name,
         "dead_channels": len(dead), "bn_reestimated": m.get("bn_reestimated", 0),
@@ -170,7 +171,7 @@ def _cache_deps(spec: Spec, rd: RunDir, res: Resources) -> dict[int, list[Any]]:
 
 
 TABLE_COLUMNS = ["id", "seed", "kind", "label", "roles", "start", "kd", "source", "bits_used", "val_acc",
-                 "export_val_acc", "export_ok", "test_acc", "size_mb", "total_bytes", "file_bytes", "avg_bits",
+                 "export_val_acc", "export_ok", "test_acc", "size_mb", "gbops", "total_bytes", "file_bytes", "avg_bits",
                  "compression", "epochs", "trial_number", "search_acc", "bits", "file", "node", "dead_channels"]
 
 
@@ -186,7 +187,7 @@ def final_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return df.astype({"trial_number": "Int64", "search_acc": "float64"})
 
 
-def select_candidates(spec: Spec, run_dir: Path) -> tuple[list[Candidate], list[float]]:
+def select_candidates(spec: Spec, run_dir: Path) -> tuple[list[Candidate], list[str]]:
     """Uniform baselines + the search's picks (on validation accuracy), one per distinct (start, kd, bits)."""
     from ..checkpoints import load_model
     from ..search.results import read_results
@@ -202,11 +203,12 @@ def select_candidates(spec: Spec, run_dir: Path) -> tuple[list[Candidate], list[
         results = pd.DataFrame(columns=["number", "status", ACC, SIZE])
     priors = json.loads(rd.priors_file.read_text()) if rd.priors_file.is_file() else None
     model, _ = load_model(rd.student("kd", spec.seed))
-    searched, missing = searched_candidates(results, spec.search.budgets_mb, spec.finalize.top_k, priors)
+    budgets = (spec.search.budgets_mb, spec.search.budgets_gbops)
+    searched, missing = searched_candidates(results, budgets[0], spec.finalize.top_k, priors, budgets[1])
     # allocation-only last: when the search's pick is the solver's own configuration (its warm start), that one
     # model carries both roles under its trial id, and "searched minus allocation only" is 0 by construction
     return merge_candidates(uniform_candidates(model, spec.quant.pin, spec.finalize.uniform_bits) + searched
-                            + allocation_candidates(spec.search.budgets_mb, priors)), missing
+                            + allocation_candidates(*budgets[:1], priors, budgets[1])), missing
 
 
 def finalize_stage(spec: Spec, ctx: RunContext) -> dict[str, Any]:
