@@ -26,20 +26,18 @@ import torch
 
 from ..checkpoints import load_model, read_model_file
 from ..context import RunContext
-from ..data import DataBundle, EvalLoader, Normalizer, TrainLoader, load_data
+from ..data import DataBundle, load_data
 from ..fp32 import train_float_model
 from ..io import atomic_to_parquet, atomic_write_json, atomic_write_text, file_digest, stable_hash
-from ..quant import BitConfig, model_size, quantize
+from ..qat import recipe_key
+from ..quant import BitConfig, model_size
 from ..recipes import model_seed
 from ..rundir import RunDir
-from ..runtime import seed_everything
 from ..spec import Spec
-from ..train import FitRun, evaluate, fit
 
 log = logging.getLogger("kdsearch.stages.students")
 
 UNIFORM_BITS = (8, 4)
-CALIB_IMAGES = 256  # activation-step calibration batch for quantize()
 
 
 def selection_dir(run_dir: Path) -> Path:
@@ -53,34 +51,24 @@ def candidate_path(spec: Spec, run_dir: Path, arch: str) -> Path:
     return selection_dir(run_dir) / f"{arch.replace(':', '.')}.pt"  # an import path's colon: not in a file name
 
 
-def _calib_images(bundle: DataBundle, spec: Spec, device: torch.device) -> torch.Tensor:
-    from ..sensitivity import calibration_indices
-
-    idx = calibration_indices(len(bundle.train), CALIB_IMAGES, spec.seed)
-    return Normalizer.from_bundle(bundle)(bundle.train.images[idx].to(device))
-
-
 def quantized_accuracy(
     spec: Spec, bundle: DataBundle, model_file: Path, bits: int, device: torch.device, *, ckpt: Path | None = None
 ) -> dict[str, float]:
-    """Validation accuracy of the float model at uniform ``bits`` (pins applied): right after quantization, and
-    after the search's short QAT (``search.trial``) on the training split."""
+    """Validation accuracy of the float model at uniform ``bits`` (pins applied): post-training quantization, and
+    after the search's short QAT (``search.trial``) on the training split; both by the product's one QAT recipe
+    (`kdsearch.qat.qat_finetune`), so a candidate is ranked by what the search and finalize would do with it."""
+    from ..qat import qat_finetune
+
     model, obj = load_model(model_file)
-    arch = obj["arch"]
-    model.to(device)
-    cfg = BitConfig.uniform(model, bits, pin=spec.quant.pin)
-    seed_everything(model_seed(arch, spec.seed) + bits)
-    quantize(model, cfg, act_bits=spec.quant.act_bits, calib=_calib_images(bundle, spec, device))
-    norm = Normalizer.from_bundle(bundle).to(device)
-    val = EvalLoader(bundle.val, batch_size=spec.data.eval_batch_size, device=device)
-    ptq = evaluate(model, val, norm, device, spec.search.trial)["acc"]
-    qat_cfg = spec.search.trial
-    train = TrainLoader(bundle, spec.data, batch_size=qat_cfg.batch_size, seed=model_seed(arch, spec.seed),
-                        device=device)
-    result = fit(model, train, val, FitRun(qat_cfg, normalizer=norm, device=device, ckpt_path=ckpt,
-                 desc=f"{arch} QAT w{bits}", resume_key=stable_hash({"model": file_digest(model_file), "bits": bits})))
-    size = model_size(model)
-    return {"ptq_acc": ptq, "qat_acc": float(result.final["val_acc"]), "size_mb": size.total_mb,
+    cfg = BitConfig.uniform(model, bits, pin=spec.quant.pin).to_dict()
+    seed = model_seed(obj["arch"], spec.seed) + bits
+    trial = spec.search.trial
+    _, ptq = qat_finetune(spec, model_file, cfg, trial, device=device, seed=seed, bundle=bundle, train=False)
+    qmodel, qat = qat_finetune(spec, model_file, cfg, trial, device=device, seed=seed, bundle=bundle, ckpt_path=ckpt,
+                               desc=f"{obj['arch']} QAT w{bits}",
+                               resume_key=stable_hash({"model": file_digest(model_file), "bits": bits}))
+    size = model_size(qmodel)
+    return {"ptq_acc": float(ptq["val_acc"]), "qat_acc": float(qat["val_acc"]), "size_mb": size.total_mb,
             "avg_bits": size.avg_bits}
 
 
@@ -99,7 +87,8 @@ def _candidate_task(spec_dict: dict[str, Any], run_dir: str, arch: str) -> dict[
     float_metrics = train_float_model(spec, arch, spec.student.train, path, seed=spec.seed, device=device)
     meta = read_model_file(path).get("meta", {})
     key = stable_hash({"model": meta.get("inputs_key"), "qat": spec.search.trial.model_dump(mode="json"),
-                       "pin": spec.quant.pin, "act_bits": spec.quant.act_bits, "bits": UNIFORM_BITS})
+                       "pin": spec.quant.pin, "act_bits": spec.quant.act_bits, "bits": UNIFORM_BITS,
+                       "recipe": recipe_key(spec)})
     out_json = selection_dir(Path(run_dir)) / f"{arch}.json"
     if out_json.is_file():
         cached = json.loads(out_json.read_text())
