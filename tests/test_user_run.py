@@ -6,6 +6,7 @@ strategy is the user's function and the sampler an Optuna class by path; the rep
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -143,3 +144,6 @@ def test_torchvision_mobilenet_v3_small_as_the_student(tmp_path) -> None:
     for _, row in final.iterrows():
         bits = {k: int(v) for k, v in (kv.split("=") for kv in row["bits"].split(","))}  # "layer=bits,..."
         assert row["total_bytes"] == independent_bytes(model, bits, act_bits=8), row["id"]
+    for js in (run_dir / "final").glob("*.s0.json"):  # QAT with 8-bit activations trains: finite, bounded losses
+        losses = [h["train_loss"] for h in json.loads(js.read_text())["history"]]
+        assert all(math.isfinite(x) and x < 100 for x in losses), (js.name, losses)
