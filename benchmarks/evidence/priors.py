@@ -1,6 +1,11 @@
 """Do the sensitivity priors pay? Hypervolume against trials on a real-image student with 22 quantizable layers.
 
     python benchmarks/evidence/priors.py [--trials 20] [--seeds 0 1 2] [--settings 6.6:16/8/4 10:8/4/2] [--arms ...]
+    python benchmarks/evidence/priors.py --merge runs/pri_a runs/pri_b ...   # the table from runs made apart
+
+On two cores the study runs fastest as one process per seed or setting (each trial is one thread), each with its
+own --run-dir; --merge then writes the one table from their runs.json, with each dir's recipe key and a check that
+every configuration scored in more than one dir got the same score (a trial is deterministic).
 
 Run from the repo root (CIFAR-10 (JPEG q75 copy) from ../shared/data, the evidence spec's 45k/5k split).
 
@@ -274,6 +279,22 @@ def plot_curves(meta: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def merged_runs(dirs: list[Path]) -> dict[str, Any]:
+    """The runs of several run dirs, each dir's recipe key, and the check that memoised scores agree across them."""
+    runs: list[dict[str, Any]] = []
+    keys: dict[str, str] = {}
+    scores: dict[str, list[float]] = {}
+    for d in dirs:
+        memo = json.loads((d / "trials.json").read_text())
+        keys[d.name] = memo["recipe"]
+        runs += [r for r in json.loads((d / "runs.json").read_text()) if r.get("recipe") == memo["recipe"]]
+        for cfg, acc in memo["trials"].items():
+            scores.setdefault(cfg, []).append(float(acc))
+    shared = [v for v in scores.values() if len(v) > 1]
+    return {"runs": runs, "dirs": keys,
+            "memo_check": {"common": len(shared), "equal": sum(len(set(v)) == 1 for v in shared)}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=20)
@@ -286,6 +307,10 @@ def main() -> None:
     ap.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "evidence_priors")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "priors_hypervolume"))
     ap.add_argument("--time-one-trial", action="store_true", help="time one uniform 8/4 trial and stop")
+    ap.add_argument("--merge", type=Path, nargs="+", metavar="RUN_DIR",
+                    help="run no trial: write the table from these run dirs' runs.json (runs made as separate "
+                         "processes, e.g. one per seed), listing each one's recipe key and checking that every "
+                         "configuration scored in several dirs got the same score")
     a = ap.parse_args()
     from kdsearch.context import setup_logging
     from kdsearch.io import atomic_write_json
@@ -304,6 +329,9 @@ def main() -> None:
     runs_path = a.run_dir / "runs.json"
     runs: list[dict[str, Any]] = json.loads(runs_path.read_text()) if runs_path.is_file() else []
     runs = [r for r in runs if r.get("recipe") == problem.recipe]
+    merged = merged_runs(a.merge) if a.merge else None
+    if merged is not None:
+        runs = merged["runs"]
     meta = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": a.threads},
             "command": " ".join(["python", *sys.argv]), "seeds": a.seeds, "trials": a.trials,
             "data_version": problem.bundle.version, "fp32_mb": problem.fp32_mb, "exclude_above": a.exclude_above,
@@ -322,6 +350,8 @@ def main() -> None:
                 if any(r["arm"] == arm and r["seed"] == seed and r.get("budget_mb") == budget
                        and len(r["hypervolume"]) == a.trials for r in runs):
                     continue
+                if merged is not None:
+                    raise SystemExit(f"--merge: no run of {arm!r}, seed {seed}, budget {budget} MB in {a.merge}")
                 r = run_arm(problem, spec, priors, arm, seed, a.trials) | {"recipe": problem.recipe}
                 runs = [x for x in runs if not (x["arm"] == arm and x["seed"] == seed
                                                 and x.get("budget_mb") == budget)] + [r]
@@ -333,6 +363,12 @@ def main() -> None:
         meta["budgets"][setting] = {"budget_mb": budget, **summary, "excluded": priors["excluded"],
                                         "warm_starts": [w["bit_config"] for w in priors["warm_starts"]]}
         texts.append(table(summary, meta, comp, budget, bits_s))
+    if merged is not None:
+        meta["merged_from"] = merged["dirs"]
+        meta["memo_check"] = merged["memo_check"]
+        texts.append(f"Merged from {len(merged['dirs'])} run dirs ({', '.join(merged['dirs'])}), recipe keys "
+                     f"{sorted(set(merged['dirs'].values()))}; {merged['memo_check']['common']} configurations were "
+                     f"scored in more than one of them, {merged['memo_check']['equal']} with the same score.")
     plot_curves(meta, Path(a.out + ".png"))
     text = "\n\n".join(texts + [f"Mean hypervolume curves: `{Path(a.out).name}.png`."])
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
