@@ -283,16 +283,20 @@ def merged_runs(dirs: list[Path]) -> dict[str, Any]:
     """The runs of several run dirs, each dir's recipe key, and the check that memoised scores agree across them."""
     runs: list[dict[str, Any]] = []
     keys: dict[str, str] = {}
-    scores: dict[str, list[float]] = {}
+    scores: dict[str, dict[str, float]] = {}
     for d in dirs:
         memo = json.loads((d / "trials.json").read_text())
         keys[d.name] = memo["recipe"]
         runs += [r for r in json.loads((d / "runs.json").read_text()) if r.get("recipe") == memo["recipe"]]
         for cfg, acc in memo["trials"].items():
-            scores.setdefault(cfg, []).append(float(acc))
-    shared = [v for v in scores.values() if len(v) > 1]
+            scores.setdefault(cfg, {})[d.name] = float(acc)
+    shared = {c: v for c, v in scores.items() if len(v) > 1}
+    differing = [{"widths": "/".join(map(str, sorted({int(kv.split("=")[1]) for kv in c.split(",")}, reverse=True))),
+                  "scores": v} for c, v in shared.items() if len(set(v.values())) > 1]
     return {"runs": runs, "dirs": keys,
-            "memo_check": {"common": len(shared), "equal": sum(len(set(v)) == 1 for v in shared)}}
+            "memo_check": {"common": len(shared), "equal": len(shared) - len(differing), "differing": differing,
+                           "max_abs_diff": max((max(d["scores"].values()) - min(d["scores"].values())
+                                                for d in differing), default=0.0)}}
 
 
 def main() -> None:
@@ -368,7 +372,10 @@ def main() -> None:
         meta["memo_check"] = merged["memo_check"]
         texts.append(f"Merged from {len(merged['dirs'])} run dirs ({', '.join(merged['dirs'])}), recipe keys "
                      f"{sorted(set(merged['dirs'].values()))}; {merged['memo_check']['common']} configurations were "
-                     f"scored in more than one of them, {merged['memo_check']['equal']} with the same score.")
+                     f"scored in more than one of them, {merged['memo_check']['equal']} with the same score"
+                     + (f"; the others ({', '.join(d['widths'] for d in merged['memo_check']['differing'])}) differ "
+                        f"by at most {merged['memo_check']['max_abs_diff']:.1f} points."
+                        if merged["memo_check"]["differing"] else "."))
     plot_curves(meta, Path(a.out + ".png"))
     text = "\n\n".join(texts + [f"Mean hypervolume curves: `{Path(a.out).name}.png`."])
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
