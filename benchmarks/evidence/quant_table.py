@@ -75,7 +75,12 @@ def main() -> None:
     budget = spec.search.budgets_mb[0]
     space = build_space(student, spec.quant, budget)
     results = read_results(run_dir)
-    version = students(run_dir, "scratch")[0].get("data_version", "?")
+    # the data version each model was made under: the FP32 students' and the finalized models' (the same images
+    # give the same content-based version; a run resumed across the change of version format shows both)
+    versions = sorted({str(m.get("data_version", "?")) for kind in ("scratch", "kd") for m in students(run_dir, kind)}
+                      | {json.loads((rd.final_dir / f).with_suffix(".json").read_text()).get("data_version", "?")
+                         for f in final["file"]})
+    version = " / ".join(versions)
     rows: list[dict[str, Any]] = []
     for kind, name in (("scratch", "FP32 scratch"), ("kd", "FP32 KD")):
         ms = students(run_dir, kind)
