@@ -108,7 +108,7 @@ def measure(run_dir: Path, model_id: str, bundle: Any, held: torch.Tensor) -> di
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", type=Path)
-    ap.add_argument("--models", nargs="+", help="final/<id>.kdq stems (default: every finalized model)")
+    ap.add_argument("--models", nargs="+", help="final/<id>.kdq stems (default: every model in final.parquet)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "onnx_agreement"))
     a = ap.parse_args()
     from kdsearch.data import load_data
@@ -123,7 +123,11 @@ def main() -> None:
     keep = torch.ones(n, dtype=torch.bool)
     keep[calib_idx] = False
     held = torch.nonzero(keep).flatten()
-    models = a.models or sorted(p.stem for p in (a.run_dir / "final").glob("*.kdq"))
+    import pandas as pd
+
+    # the run's finalized models (final.parquet), not every .kdq in final/: a rerun under new inputs leaves the
+    # files of configurations it no longer picks
+    models = a.models or [Path(f).stem for f in pd.read_parquet(a.run_dir / "final" / "final.parquet")["file"]]
     rows = []
     for mid in models:
         rows.append(measure(a.run_dir, mid, bundle, held))
