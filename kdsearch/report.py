@@ -252,7 +252,7 @@ def difference_line(what: str, a: dict[int, float], b: dict[int, float]) -> str:
     if n == 0:
         return f"* {what}: {NOT_RUN}"
     if n == 1:
-        return f"* {what}: {m:+.2f} points (one seed: no spread to compare it with; run `seeds: [0, 1, 2]`)"
+        return f"* {what}: {m:+.2f} points (one seed: no spread to compare it with; set `seeds: [0, 1, 2]` in the spec for one)"
     verdict = "larger than" if abs(m) > sd else "inside"
     return f"* {what}: {m:+.2f} ± {sd:.2f} points (paired over n={n} seeds; the difference is {verdict} its spread)"
 
