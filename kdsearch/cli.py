@@ -271,7 +271,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                              f"{', '.join(dict.fromkeys(df['id']))}")
         model_id = args.model
     else:
-        model_id = shipped_model(rd.root)[1]["id"]  # type: ignore[index]
+        model_id = shipped_model(rd.root)["id"]  # type: ignore[index]
     rows = df[df["id"] == model_id]
     if args.seed is not None:
         rows = rows[rows["seed"] == args.seed]

@@ -115,15 +115,19 @@ def budgets_of(spec: dict[str, Any]) -> list[Budget]:
                         [float(b) for b in search.get("budgets_gbops") or []])
 
 
-def shipped_model(run_dir: Path) -> tuple[pd.DataFrame | None, pd.Series | None]:
-    """final.parquet (with costs) and the model `kdsearch export` ships by default (`selection.export_default`)."""
-    spec = run_spec(run_dir)
-    final = final_with_costs(run_dir, spec, _float_student(run_dir))
+def export_pick(final: pd.DataFrame | None, spec: dict[str, Any]) -> pd.Series | None:
+    """The model `kdsearch export` ships by default (`selection.export_default` under the spec's budgets)."""
     if final is None:
-        return None, None
+        return None
     search = spec.get("search") or {}
-    return final, export_default(final, [float(b) for b in search.get("budgets_mb") or []],
-                                 [float(b) for b in search.get("budgets_gbops") or []])
+    return export_default(final, [float(b) for b in search.get("budgets_mb") or []],
+                          [float(b) for b in search.get("budgets_gbops") or []])
+
+
+def shipped_model(run_dir: Path) -> pd.Series | None:
+    """`export_pick` for a run directory (final.parquet with its costs)."""
+    spec = run_spec(run_dir)
+    return export_pick(final_with_costs(run_dir, spec, _float_student(run_dir)), spec)
 
 
 def _used(s: Any) -> frozenset[int]:
@@ -509,7 +513,8 @@ def run_answer(run_dir: str | Path, *, rich: bool = False) -> str:
     rd = RunDir(p)
     spec = run_spec(p)
     student = _float_student(p)
-    final, pick = shipped_model(p)
+    final = final_with_costs(p, spec, student)
+    pick = export_pick(final, spec)
     table = seed_table(p, spec, student).drop(columns=["Model"])
     budgets = budgets_of(spec)
     lines = [f"kdsearch: {spec.get('name', p.name)} (selected on validation, reported on test; test accuracy as "

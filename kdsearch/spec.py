@@ -174,25 +174,32 @@ def _check_kwargs(v: dict[str, Any]) -> dict[str, Any]:
     return v
 
 
-class TeacherConfig(_Cfg):
-    arch: str  # a registered name or an import path package.module:factory
-    kwargs: dict[str, Any] = Field(default_factory=dict)  # factory(num_classes=..., **kwargs)
-    checkpoint: str | None = None  # a trained checkpoint to use instead of training (loaded weights_only)
+class _ModelRef(_Cfg):
+    """The checks of a model reference (``arch``, ``kwargs``, ``checkpoint``), shared by teachers and the student.
 
-    @field_validator("arch")
+    No fields here: each subclass declares its own, so field order (and the dumped spec) stays as it was.
+    """
+
+    @field_validator("arch", check_fields=False)
     @classmethod
     def _arch(cls, v: str) -> str:
         return _check_arch(v)
 
-    @field_validator("kwargs")
+    @field_validator("kwargs", check_fields=False)
     @classmethod
     def _kwargs(cls, v: dict[str, Any]) -> dict[str, Any]:
         return _check_kwargs(v)
 
-    @field_validator("checkpoint")
+    @field_validator("checkpoint", check_fields=False)
     @classmethod
     def _absolute_checkpoint(cls, v: str | None) -> str | None:
         return _absolute(v)
+
+
+class TeacherConfig(_ModelRef):
+    arch: str  # a registered name or an import path package.module:factory
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # factory(num_classes=..., **kwargs)
+    checkpoint: str | None = None  # a trained checkpoint to use instead of training (loaded weights_only)
 
 
 class TeachersConfig(_Cfg):
@@ -219,7 +226,7 @@ class TeachersConfig(_Cfg):
         return v
 
 
-class StudentConfig(_Cfg):
+class StudentConfig(_ModelRef):
     arch: str  # a registered name or an import path package.module:factory
     kwargs: dict[str, Any] = Field(default_factory=dict)  # factory(num_classes=..., **kwargs)
     # For `kdsearch students`: architectures ranked by quantizability; an entry is a name / import path, or
@@ -235,20 +242,6 @@ class StudentConfig(_Cfg):
     gpus: float = Field(1.0, ge=0)
     cpus: float = Field(1.0, gt=0)
 
-    @field_validator("arch")
-    @classmethod
-    def _arch(cls, v: str) -> str:
-        return _check_arch(v)
-
-    @field_validator("kwargs")
-    @classmethod
-    def _kwargs(cls, v: dict[str, Any]) -> dict[str, Any]:
-        return _check_kwargs(v)
-
-    @field_validator("checkpoint")
-    @classmethod
-    def _absolute_checkpoint(cls, v: str | None) -> str | None:
-        return _absolute(v)
 
     @model_validator(mode="before")
     @classmethod

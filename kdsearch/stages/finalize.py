@@ -203,12 +203,12 @@ def select_candidates(spec: Spec, run_dir: Path) -> tuple[list[Candidate], list[
         results = pd.DataFrame(columns=["number", "status", ACC, SIZE])
     priors = json.loads(rd.priors_file.read_text()) if rd.priors_file.is_file() else None
     model, _ = load_model(rd.student("kd", spec.seed))
-    budgets = (spec.search.budgets_mb, spec.search.budgets_gbops)
-    searched, missing = searched_candidates(results, budgets[0], spec.finalize.top_k, priors, budgets[1])
+    mb, gbops = spec.search.budgets_mb, spec.search.budgets_gbops
+    searched, missing = searched_candidates(results, mb, spec.finalize.top_k, priors, gbops)
     # allocation-only last: when the search's pick is the solver's own configuration (its warm start), that one
     # model carries both roles under its trial id, and "searched minus allocation only" is 0 by construction
     return merge_candidates(uniform_candidates(model, spec.quant.pin, spec.finalize.uniform_bits) + searched
-                            + allocation_candidates(*budgets[:1], priors, budgets[1])), missing
+                            + allocation_candidates(mb, priors, gbops)), missing
 
 
 def finalize_stage(spec: Spec, ctx: RunContext) -> dict[str, Any]:
