@@ -113,7 +113,8 @@ def qat_finetune(
         # weights (torchvision's MobileNetV3 averages them with momentum 0.01, so a short or fine-tuned training
         # leaves them near their initial values) otherwise gets 8-bit ranges of 1e-6 in eval mode while training
         # mode's batch statistics give O(1) activations: 93-97% of them clipped, a near-zero batch variance in
-        # the next BatchNorm, and a first QAT gradient of 1e7 (float: 2). tests/test_qat.py holds this.
+        # the next BatchNorm, and a first QAT gradient norm of 2.6e6 (2.2 after re-estimation:
+        # benchmarks/results/precise_bn.md). tests/test_qat.py holds this.
         with strict_fp32():
             reestimate_bn(model, augmented_train_batches(spec, bundle, spec.quant.bn_batches, cfg.batch_size, device,
                                                          seed + 104729))
