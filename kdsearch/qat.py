@@ -31,7 +31,7 @@ from torch import nn
 from .checkpoints import load_model
 from .spec import Spec, TrainConfig
 
-RECIPE_VERSION = 4  # 4: PreciseBN before calibration; part of every QAT model's inputs key: a model made by an older recipe is not reused
+RECIPE_VERSION = 5  # 5: the integer graph (int32 biases, one grid per tensor, quantized residual adds); 4: PreciseBN before calibration; part of every QAT model's inputs key: a model made by an older recipe is not reused
 
 
 def recipe_key(spec: Spec) -> dict[str, Any]:

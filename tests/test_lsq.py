@@ -18,7 +18,7 @@ import torch
 
 from kdsearch.quant import LsqActQuantizer, LsqWeightQuantizer
 from kdsearch.quant.lsq_ops import resolve_impl
-from kdsearch.quant.quantizers import signed_range, unsigned_range
+from kdsearch.quant.quantizers import signed_range, unsigned_range, weight_range
 from test_quant import _one_thread  # noqa: F401 - that module's autouse one-thread fixture, for this module too
 
 
@@ -94,7 +94,7 @@ def _exact_step(q: torch.nn.Module, step: torch.Tensor) -> torch.nn.Module:
 
 
 def _weight_case(bits: int, impl: str, pow2: bool, seed: int = 0):
-    qn, qp = signed_range(bits)
+    qn, qp = weight_range(bits)
     rows = 4
     step = _pow2_steps(rows) if pow2 else torch.rand(rows, generator=torch.Generator().manual_seed(seed)) * 0.1 + 0.01
     x = (_values(qn, qp, rows, seed, special=pow2) * step.view(-1, 1)).view(rows, -1, 1, 1)

@@ -36,7 +36,7 @@ from kdsearch.quant import (
     storage_plan,
     unpack_bits,
 )
-from kdsearch.quant.quantizers import INTEGER_BITS, signed_range
+from kdsearch.quant.quantizers import INTEGER_BITS, signed_range, weight_range
 
 IMPLS = ("reference", "function", "fused")
 
@@ -100,7 +100,7 @@ def _batch(n: int = 4, size: int = 8, seed: int = 1) -> torch.Tensor:
     seed=st.integers(0, 2**16),
 )
 def test_weight_quantizer_error_within_half_step_inside_clip_range(bits, impl, step, seed):
-    qn, qp = signed_range(bits)
+    qn, qp = weight_range(bits)  # the weight quantizer's range (8 bits: narrow)
     g = torch.Generator().manual_seed(seed)
     w = (torch.rand(4, 50, generator=g) * (qn + qp) - qn) * step  # inside [-Qn s, Qp s]
     w_out = torch.tensor([[-(qn + 3) * step, (qp + 3) * step]]).repeat(4, 1)  # outside: saturates

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .registry import register_model
+from .residual import ResidualAdd
 from .weight_init import init_weights
 
 # (expansion t, output channels c, blocks n, first stride s), the paper's Table 2 with CIFAR strides.
@@ -65,12 +66,13 @@ class InvertedResidual(nn.Module):
         self.shortcut: nn.Module = nn.Identity()
         if stride == 1 and in_planes != out_planes:
             self.shortcut = nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, bias=False), nn.BatchNorm2d(out_planes))
+        self.add = ResidualAdd() if stride == 1 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act1(self.bn1(self.conv1(x)))
         out = self.act2(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return out + self.shortcut(x) if self.stride == 1 else out
+        return self.add(out, self.shortcut(x)) if self.add is not None else out
 
 
 class MobileNetV2(nn.Module):

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .registry import register_model
+from .residual import ResidualAdd
 from .weight_init import init_weights
 
 
@@ -39,12 +40,13 @@ class BasicBlock(nn.Module):
             self.shortcut = nn.Sequential(
                 nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
             )
+        self.add = ResidualAdd()
         self.relu2 = nn.ReLU(inplace=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu2(out + self.shortcut(x))
+        return self.relu2(self.add(out, self.shortcut(x)))
 
 
 class CifarResNet(nn.Module):

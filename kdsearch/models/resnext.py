@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .registry import register_model
+from .residual import ResidualAdd
 from .weight_init import init_weights
 
 
@@ -36,13 +37,14 @@ class ResNeXtBottleneck(nn.Module):
             self.shortcut = nn.Sequential(
                 nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False), nn.BatchNorm2d(out_planes)
             )
+        self.add = ResidualAdd()
         self.relu3 = nn.ReLU(inplace=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu1(self.bn1(self.conv1(x)))
         out = self.relu2(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return self.relu3(out + self.shortcut(x))
+        return self.relu3(self.add(out, self.shortcut(x)))
 
 
 class CifarResNeXt(nn.Module):

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .registry import register_model
+from .residual import ResidualAdd
 from .weight_init import init_weights
 
 
@@ -35,12 +36,13 @@ class WideBasicBlock(nn.Module):
         self.shortcut: nn.Conv2d | None = None
         if stride != 1 or in_planes != planes:
             self.shortcut = nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
+        self.add = ResidualAdd()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.relu1(self.bn1(x))
         out = self.conv1(pre)
         out = self.conv2(self.dropout(self.relu2(self.bn2(out))))
-        return out + (x if self.shortcut is None else self.shortcut(pre))
+        return self.add(out, x if self.shortcut is None else self.shortcut(pre))
 
 
 class WideResNet(nn.Module):

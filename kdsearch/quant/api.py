@@ -24,7 +24,10 @@ import torch
 from torch import nn
 
 from .bitconfig import ActRule, BitConfig, check_act_rule, quantizable_layers, resolve_act_bits
-from .layers import QuantConv2d, QuantLinear, folding_bn, is_quant_layer
+from kdsearch.models.residual import ResidualAdd
+
+from .integer_graph import bind, bind_on_first_call
+from .layers import QuantConv2d, QuantLinear, QuantResidualAdd, folding_bn, is_quant_layer
 from .quantizers import INITS, LsqActQuantizer, _check_impl
 
 
@@ -82,6 +85,12 @@ def quantize(
         bn = folding_bn(m)
         if bn is not None:
             _set_module(model, name, bn)
+    integer = any(is_quant_layer(m) and isinstance(m.act_quantizer, LsqActQuantizer) for m in model.modules())
+    for name, m in list(model.named_modules()):
+        if integer and type(m) is ResidualAdd:  # quantized adds only where integer layers are (8-bit containers)
+            _set_module(model, name, QuantResidualAdd(8, impl, act_init, learned=None if learn_steps else False))
+    model._kdsearch_bound = False
+    model.register_forward_pre_hook(bind_on_first_call)
     if calib is not None:
         calibrate(model, calib)
     return model
@@ -95,15 +104,22 @@ def calibrate(model: nn.Module, batches: torch.Tensor | Iterable[torch.Tensor]) 
     PyTorch's observers and NNCF's range initialisers see it) and takes the MSE-optimal step of the pooled
     samples. Why eval mode and several un-augmented batches: the ranges then describe what the deployed
     model sees (BatchNorm on running statistics, clean images), not one augmented batch under batch
-    statistics, which is what the first training batch would give. Train/eval modes are restored.
+    statistics, which is what the first training batch would give. Train/eval modes are restored. The first
+    batch also binds the integer graph (``integer_graph.bind``: folded int32 biases, one grid per tensor,
+    quantized residual adds) before anything is observed.
     """
     quantizers = [m for m in model.modules() if isinstance(m, LsqActQuantizer)]
-    for q in quantizers:
-        q.start_observing()
     modes = {m: m.training for m in model.modules()}
+    bound = False
     try:
         model.eval()
         for x in [batches] if isinstance(batches, torch.Tensor) else batches:
+            if not bound:  # the integer graph's links first (`integer_graph`): shared grids observe both reads
+                bind(model, x)
+                quantizers = list({id(m): m for m in model.modules() if isinstance(m, LsqActQuantizer)}.values())
+                for q in quantizers:
+                    q.start_observing()
+                bound = True
             model(x)
     finally:
         for m, mode in modes.items():

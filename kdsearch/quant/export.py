@@ -26,9 +26,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .api import act_bits_of, bit_config_of, quantize
+from kdsearch.models.residual import ResidualAdd
+
+from .api import _set_module, act_bits_of, bit_config_of, quantize
 from .bitconfig import BitConfig
-from .layers import make_act_quantizer, unit_running_var
+from .integer_graph import bind
+from .layers import ADD_INPUTS, QuantResidualAdd, _EvalFoldMixin, make_act_quantizer, unit_running_var
 from .quantizers import LsqActQuantizer, LsqWeightQuantizer
 from .size import storage_plan
 
@@ -98,6 +101,8 @@ def unpack_bits(packed: np.ndarray | torch.Tensor, bits: int, n: int) -> np.ndar
 def _bn_affine(bn: nn.Module) -> torch.Tensor:
     if not (getattr(bn, "affine", False) and getattr(bn, "track_running_stats", False)):
         raise ValueError("export: only affine BatchNorm with running statistics can be folded into the file")
+    if isinstance(bn, _EvalFoldMixin):  # the eval-mode (a, b), bias on the integer grid (`integer_graph`)
+        return torch.stack(bn.folded_affine())
     invstd = 1.0 / torch.sqrt(bn.running_var.float() + bn.eps)
     a = bn.weight.float() * invstd
     return torch.stack([a, bn.bias.float() - bn.running_mean.float() * a])
@@ -194,6 +199,8 @@ def export_quantized(
             act[name] = {"bits": bits, "signed": q.is_signed}
         else:
             act[name] = None if bits is None else {"bits": bits}
+    adds = {name: {k: m.grid(k).is_signed for k in ADD_INPUTS} for name, m in model.named_modules()
+            if isinstance(m, QuantResidualAdd)}
     for entry in storage_plan(model):
         if entry.role == "qweight":
             layer = _layer_of(model, entry.key, ".weight")
@@ -206,13 +213,16 @@ def export_quantized(
             t = _layer_of(model, entry.key, ".weight_scale").weight_quantizer.effective_step()
         elif entry.role == "act_step":
             t = _layer_of(model, entry.key, ".act_step").act_quantizer.effective_step()
+        elif entry.role == "add_step":
+            name, _, which = entry.key.rpartition(".")
+            t = model.get_submodule(name).grid(which[: -len("_step")]).effective_step()
         elif entry.role == "hweight":
             t = state[entry.key].float().clamp(-65504.0, 65504.0).half()
         elif entry.role == "bn":
             t = _bn_affine(_layer_of(model, entry.key, ".affine"))
         else:
             t = state[entry.key]
-        t = t.detach().cpu().contiguous()
+        t = t.detach().cpu().contiguous().clone()  # shared steps (one grid, two readers) are stored twice
         if t.numel() * t.element_size() != entry.nbytes:  # the size model and the file must not drift
             raise AssertionError(f"export: {entry.key} holds {t.numel() * t.element_size()} B, plan {entry.nbytes} B")
         tensors[entry.key] = t
@@ -223,6 +233,7 @@ def export_quantized(
         "num_classes": num_classes if num_classes is not None else _infer_num_classes(model),
         "bit_config": bit_config_of(model).to_dict(),
         "act": act,
+        "adds": adds,
         "input_shape": None if shape is None else list(shape),
         "torch": torch.__version__,
         **dict(metadata or {}),
@@ -269,6 +280,10 @@ def load_quantized(
         layer = model.get_submodule(name)
         if hasattr(layer, "act_quantizer"):
             layer.act_quantizer = make_act_quantizer(spec and spec["bits"], "auto", "mse", learned=False)
+    adds = meta.get("adds") or {}  # a file written before residual adds were quantized has none
+    for name, m in list(model.named_modules()):
+        if isinstance(m, QuantResidualAdd) and name not in adds:
+            _set_module(model, name, ResidualAdd())
     tensors = load_file(str(path))
     plan = storage_plan(model)
     expected, found = {e.key for e in plan}, set(tensors)
@@ -301,6 +316,10 @@ def load_quantized(
         elif entry.role == "act_step":
             name = entry.key[: -len(".act_step")]
             model.get_submodule(name).act_quantizer.set_state(float(t.reshape(())), meta["act"][name]["signed"])
+        elif entry.role == "add_step":
+            name, _, which = entry.key.rpartition(".")
+            which = which[: -len("_step")]
+            model.get_submodule(name).grid(which).set_state(float(t.reshape(())), adds[name][which])
         elif entry.role == "bn":
             bn = _layer_of(model, entry.key, ".affine")
             bn.weight.copy_(t[0])
@@ -309,4 +328,7 @@ def load_quantized(
             bn.running_var.fill_(unit_running_var(bn.eps))
         else:
             state[entry.key].copy_(t)
+    shape = meta.get("input_shape")
+    if shape:  # the integer graph's links (`integer_graph`); the file's steps and biases already agree with them
+        bind(model, torch.zeros(1, *shape))
     return model.eval()

@@ -23,10 +23,21 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from kdsearch.models.residual import ResidualAdd
+
 from .precision import strict_fp32, strict_fp32_active
 from .quantizers import HalfQuantizer, LsqActQuantizer, LsqWeightQuantizer
 
 Quantizer = LsqWeightQuantizer | LsqActQuantizer | HalfQuantizer
+
+
+def on_grid(v: Tensor, step: Tensor) -> Tensor:
+    """``v`` rounded to the nearest multiple of ``step`` (per channel; left as is where the step is 0), in fp64.
+
+    Used for biases, which an integer runtime holds as int32 multiples of the accumulator step."""
+    s = step.to(v.device).double()
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    return torch.where(s > 0, torch.round(v.double() / safe) * safe, v.double()).to(v.dtype)
 
 
 def make_weight_quantizer(bits: int, out_channels: int, impl: str,
@@ -63,6 +74,7 @@ class _QuantMixin:
         self.weight_quantizer = make_weight_quantizer(weight_bits, src.weight.shape[0], impl, learned)
         self.act_quantizer = make_act_quantizer(act_bits, impl, act_init, learned)
         self._bypass = False
+        self._bias_into_bn = False  # a BatchNorm reads this layer's output: the bias rounds there (`integer_graph`)
         self.train(src.training)  # type: ignore[attr-defined]
         return self.to(src.weight.device)  # type: ignore[attr-defined]
 
@@ -79,6 +91,23 @@ class _QuantMixin:
         with torch.autocast(device_type=self.weight.device.type, enabled=False):
             w = self.weight.float()
             return w if self.weight_quantizer is None else self.weight_quantizer(w)
+
+    def accumulator_step(self) -> Tensor | None:
+        """``input step x weight step`` per output channel: the grid of the int32 accumulator an integer runtime
+        adds this layer's bias on (ONNX's ``QLinearConv`` bias scale); None unless input and weight are integer."""
+        aq, wq = self.act_quantizer, self.weight_quantizer
+        if not (isinstance(aq, LsqActQuantizer) and aq.is_initialized and isinstance(wq, LsqWeightQuantizer)):
+            return None
+        return (aq.effective_step().double() * wq.effective_step().double()).detach()
+
+    def _bias(self) -> Tensor | None:
+        """The bias the forward adds: in eval mode an integer layer's lies on its accumulator grid, as the int32
+        bias of the deployed graph does (HAWQ-V3, sec. 3.1); a following BatchNorm rounds it instead (folded)."""
+        b = self.bias
+        if b is None or self.training or self._bias_into_bn:  # type: ignore[attr-defined]
+            return b
+        step = self.accumulator_step()
+        return b if step is None else on_grid(b, step)
 
     def _op(self, x: Tensor, w: Tensor) -> Tensor:
         """The float layer's arithmetic on (quantized input, quantized weight): conv or linear."""
@@ -123,7 +152,7 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         return q._adopt(conv, weight_bits, act_bits, impl, act_init, learned)
 
     def _op(self, x: Tensor, w: Tensor) -> Tensor:
-        return self._conv_forward(x, w, self.bias)
+        return self._conv_forward(x, w, self._bias())
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, weight_bits={self.weight_bits}, act_bits={self.act_bits}"
@@ -146,7 +175,7 @@ class QuantLinear(_QuantMixin, nn.Linear):
         return q._adopt(linear, weight_bits, act_bits, impl, act_init, learned)
 
     def _op(self, x: Tensor, w: Tensor) -> Tensor:
-        return F.linear(x, w, self.bias)
+        return F.linear(x, w, self._bias())
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, weight_bits={self.weight_bits}, act_bits={self.act_bits}"
@@ -167,10 +196,20 @@ class _EvalFoldMixin:
     running_var: Tensor
     eps: float
 
+    _int_bias_of: list[nn.Module]  # the integer layer whose output this BatchNorm reads (`integer_graph.bind`)
+
     def folded_affine(self) -> tuple[Tensor, Tensor]:
+        """The eval-mode ``(a, b)``. After an integer layer, ``a * bias + b`` lies on the folded accumulator grid
+        ``input step x weight step x |a|``: the int32 bias that the deployed graph adds (HAWQ-V3, sec. 3.1)."""
         invstd = 1.0 / torch.sqrt(self.running_var.float() + self.eps)
         a = self.weight.float() * invstd
-        return a, self.bias.float() - self.running_mean.float() * a
+        b = self.bias.float() - self.running_mean.float() * a
+        src = getattr(self, "_int_bias_of", None)
+        step = src[0].accumulator_step() if src else None
+        if step is not None:
+            b0 = src[0].bias.float().detach() if src[0].bias is not None else torch.zeros_like(b)
+            b = on_grid(a * b0 + b, step.to(a.device) * a.double().abs()) - a * b0
+        return a, b
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training:  # type: ignore[attr-defined]
@@ -219,6 +258,46 @@ def unit_running_var(eps: float) -> float:
     raise ValueError(f"BatchNorm eps={eps}: no fp32 variance r with r + eps == 1")
 
 
+ADD_INPUTS = ("branch", "shortcut")  # a quantized add's inputs, in the order of its forward; the file's step keys
+
+
+class QuantResidualAdd(ResidualAdd):
+    """``branch + shortcut`` with both inputs on 8-bit grids, as an integer runtime adds them (``QLinearAdd``).
+
+    Why: ONNX Runtime (and HAWQ-V3's integer-only graphs) add quantized tensors only; adding float ones in QAT
+    and quantized ones in deployment cost 0.37 points of top-1 agreement (benchmarks/results/onnx_agreement.md).
+    The branch (a conv + BN output) gets its own grid. The shortcut reads the grid of the integer layer that
+    reads the same tensor (an identity shortcut is the block input, which the block's first conv quantizes):
+    `integer_graph.bind` finds that layer in a forward and shares its quantizer, so the tensor has one grid, as
+    in the deployed graph; otherwise the shortcut has its own (``shortcut_quantizer``, unused while shared).
+    """
+
+    def __init__(self, bits: int = 8, impl: str = "auto", act_init: str = "mse", learned: bool | None = None) -> None:
+        super().__init__()
+        self.branch_quantizer = LsqActQuantizer(bits, impl, act_init, learned=learned)
+        self.shortcut_quantizer = LsqActQuantizer(bits, impl, act_init, learned=learned)
+        self._shares: list[nn.Module] = []  # [the layer whose input quantizer the shortcut reads] (not a submodule)
+        self._bypass = False
+
+    def share_shortcut(self, layer: nn.Module | None) -> None:
+        """Read the shortcut at ``layer``'s input grid (None: at this add's own). ``shortcut_quantizer`` stays a
+        submodule either way, so the ``state_dict``'s keys do not depend on the binding."""
+        self._shares = [] if layer is None else [layer]
+
+    @property
+    def shortcut_grid(self) -> LsqActQuantizer:
+        return self._shares[0].act_quantizer if self._shares else self.shortcut_quantizer
+
+    def grid(self, which: str) -> LsqActQuantizer:
+        """The quantizer of input ``which`` (one of ``ADD_INPUTS``)."""
+        return self.branch_quantizer if which == "branch" else self.shortcut_grid
+
+    def forward(self, branch: Tensor, shortcut: Tensor) -> Tensor:
+        if self._bypass:
+            return branch + shortcut
+        return self.branch_quantizer(branch.float()) + self.shortcut_grid(shortcut.float())
+
+
 QUANT_LAYER_TYPES = (QuantConv2d, QuantLinear)
 
 
@@ -232,11 +311,11 @@ def bypass_quantization(model: nn.Module) -> Iterator[None]:
 
     Used by the layer inventory, whose zero batch must not become the activation calibration batch.
     """
-    layers = [m for m in model.modules() if is_quant_layer(m)]
+    layers = {m: m._bypass for m in model.modules() if is_quant_layer(m) or isinstance(m, QuantResidualAdd)}
     for m in layers:
         m._bypass = True
     try:
         yield
-    finally:
-        for m in layers:
-            m._bypass = False
+    finally:  # restore, not clear: blocks nest (the first forward inside one binds the integer graph in another)
+        for m, was in layers.items():
+            m._bypass = was

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from .export import checked_input_shape, input_shape_of
 from .onnx_fusion import FLOAT_LAYERS_KEY, FusionReport, check_fusion, require_fused
-from .qdq import LayerQuant, layer_quant
+from .qdq import AddQuant, LayerQuant, add_quant, layer_quant
 
 REQUANTIZED_KEY = "kdsearch.requantized"
 ACTIVATIONS = ("uint8", "int8")
@@ -64,15 +64,18 @@ class _ChannelAffine(nn.Module):
 
 
 @torch.no_grad()
-def _float_twin(model: nn.Module) -> tuple[nn.Module, dict[str, LayerQuant]]:
+def _float_twin(model: nn.Module) -> tuple[nn.Module, dict[str, LayerQuant], dict[str, AddQuant]]:
     """A copy that computes the QAT model's layers in float (dequantized weights, BN as its eval affine)."""
     from .api import _set_module
-    from .layers import _EvalFoldMixin, is_quant_layer
+    from .layers import QuantResidualAdd, _EvalFoldMixin, is_quant_layer
 
     twin = copy.deepcopy(model).cpu().eval()
     layers: dict[str, LayerQuant] = {}
+    adds: dict[str, AddQuant] = {}
     for name, m in list(twin.named_modules()):
-        if isinstance(m, _EvalFoldMixin):
+        if isinstance(m, QuantResidualAdd):
+            adds[name] = add_quant(name, m)
+        elif isinstance(m, _EvalFoldMixin):
             _set_module(twin, name, _ChannelAffine(*m.folded_affine()))
         elif is_quant_layer(m):
             lq = layers[name] = layer_quant(name, m)
@@ -81,7 +84,9 @@ def _float_twin(model: nn.Module) -> tuple[nn.Module, dict[str, LayerQuant]]:
                 m.weight.copy_(torch.from_numpy(lq.codes.astype(np.float32)) * torch.from_numpy(lq.scale).view(shape))
             elif lq.half_weight is not None:
                 m.weight.copy_(lq.half_weight)
-    return twin, layers
+            if m.bias is not None:  # the bias the layer adds in eval mode (on the integer grid where it rounds)
+                m.bias.copy_(m._bias())
+    return twin, layers, adds
 
 
 def _input_shape(model: nn.Module, input_shape: Sequence[int] | None, example: Tensor | None) -> tuple[int, ...]:
@@ -161,7 +166,7 @@ def export_onnx(
 
     shape = _input_shape(model, input_shape, example_input)
     example = example_input if example_input is not None else torch.zeros(1, *shape)
-    twin, layers = _float_twin(model)
+    twin, layers, adds = _float_twin(model)
     with tempfile.TemporaryDirectory() as tmp:
         float_path = Path(tmp) / "float.onnx"
         with torch.no_grad(), bypass_quantization(twin):  # the layers as float convs; the graph gets the rest
@@ -170,7 +175,7 @@ def export_onnx(
                 input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
             )  # fmt: skip
         proto = onnx.load(str(float_path))
-    graph = QdqGraph(proto, layers, signed_activations=activations == "int8")
+    graph = QdqGraph(proto, layers, adds, signed_activations=activations == "int8")
     graph.fold_and_quantize_weights()
     graph.fold_float_layers()
     given, wanted = graph.plan_points()

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .qdq import ActGrid, LayerQuant
+from .qdq import ActGrid, AddQuant, LayerQuant
 
 POOLS = ("GlobalAveragePool", "AveragePool")
 SHAPE_OPS = ("Flatten", "Reshape")
@@ -47,14 +47,26 @@ class Point:
         return cls(grid.step, grid.zero_point)
 
 
+def module_of(node_name: str) -> str:
+    """The qualified name of the module a TorchScript-exported node came from: ``/layer1/layer1.0/add/Add`` ->
+    ``layer1.0.add`` (a scope segment is the child's attribute name, or its qualified name inside a container)."""
+    q = ""
+    for seg in node_name.strip("/").split("/")[:-1]:
+        q = seg if not q or seg.startswith(q + ".") else f"{q}.{seg}"
+    return q
+
+
 class QdqGraph:
     """A float graph being rewritten; node and tensor maps are rebuilt after every structural edit."""
 
-    def __init__(self, model: onnx.ModelProto, layers: dict[str, LayerQuant], signed_activations: bool = False) -> None:
+    def __init__(self, model: onnx.ModelProto, layers: dict[str, LayerQuant], adds: dict[str, AddQuant] | None = None,
+                 signed_activations: bool = False) -> None:
         self.model, self.g = model, model.graph
         self.signed = signed_activations  # int8 activations, zero point - 128 (the same numbers; for tests)
         self.inits = {t.name: t for t in self.g.initializer}
         self.by_weight = {f"{name}.weight": lq for name, lq in layers.items()}
+        self.adds = {n.name: adds[m] for n in self.g.node if n.op_type == "Add" and (m := module_of(n.name)) in (adds or {})}
+        self.unmapped_adds = sorted(set(adds or {}) - {a.name for a in self.adds.values()})
         self.clamped_weights = 0  # codes -(-128) that a negative BatchNorm scale pushed to 127
         self.notes: list[str] = []  # every place the graph quantizes where the QAT model computes in float
         self._n = 0
@@ -81,6 +93,17 @@ class QdqGraph:
 
     def producer(self, tensor: str) -> onnx.NodeProto | None:
         return next((n for n in self.g.node if tensor in n.output), None)
+
+    def add_of(self, node: onnx.NodeProto) -> AddQuant | None:
+        return self.adds.get(node.name) if node.op_type == "Add" else None
+
+    def _integer_product(self, tensor: str) -> bool:
+        """``tensor`` is an integer layer's output, or its ReLU's: the runtime has it only quantized."""
+        prod = self.producer(tensor)
+        if prod is not None and prod.op_type == "Relu":
+            prod = self.producer(prod.input[0])
+        lq = None if prod is None else self.layer_of(prod)
+        return lq is not None and lq.integer
 
     def layer_of(self, node: onnx.NodeProto) -> LayerQuant | None:
         if node.op_type in ("Conv", "Gemm") and len(node.input) > 1:
@@ -235,12 +258,27 @@ class QdqGraph:
                                       name=f"{base}_DequantizeLinear"))
         return nodes, f"{base}_dq"
 
+    def _reads_quantized(self, user: onnx.NodeProto, tensor: str, point: Point) -> bool:
+        """Whether ``user`` reads ``tensor``'s ``Q -> DQ``: always for a calibrated point (it exists for the runtime's
+        sake); for a QAT-given one, the readers that quantize it in QAT (integer layers, quantized adds, shape ops
+        on the way to one), and any reader where the runtime has the tensor only quantized. Others (a float
+        layer, a BatchNorm) read it in float, as in QAT."""
+        if point.calibrated or user.op_type in SHAPE_OPS or user.op_type in POOLS or self.add_of(user) is not None:
+            return True
+        lq = self.layer_of(user)
+        if lq is not None and lq.integer and user.input[0] == tensor:
+            return True
+        if self._integer_product(tensor):
+            self.notes.append(f"{user.name}: reads {tensor!r} quantized (an integer layer's output); QAT reads it in float")
+            return True
+        return False
+
     def add_points(self, points: dict[str, Point]) -> None:
-        """One ``Q -> DQ`` per tensor; every consumer reads the DQ; an integer layer whose grid is not the
-        tensor's (another scale, or fewer than 8 bits) gets its own ``Clip -> Q -> DQ`` from it."""
+        """One ``Q -> DQ`` per tensor, read by the consumers ``_reads_quantized`` names; an integer layer whose grid
+        is not the tensor's (another scale, or fewer than 8 bits) gets its own ``Clip -> Q -> DQ`` from it."""
         outputs = {o.name for o in self.g.output}
         for tensor, point in points.items():
-            users = self.consumers(tensor)
+            users = [u for u in self.consumers(tensor) if self._reads_quantized(u, tensor, point)]
             nodes, dq = self._qdq_nodes(tensor, point)
             self._insert_after(tensor, nodes)
             for user in users:
@@ -264,6 +302,12 @@ class QdqGraph:
         given: dict[str, Point] = {}
         for node, lq in self.integer_layers():
             given.setdefault(node.input[0], Point.of(lq.act))
+        for node in self.g.node:  # quantized residual adds: both inputs on their QAT grids
+            aq = self.add_of(node)
+            for tensor, grid in ([] if aq is None else zip(node.input, (aq.branch, aq.shortcut))):
+                point = given.setdefault(tensor, Point.of(grid))
+                if (point.scale, point.zero_point) != (grid.step, grid.zero_point):
+                    self.notes.append(f"residual add {node.name}: reads {tensor!r} at another reader's grid")
         for tensor in list(given):  # through Flatten/Reshape: the same grid on both sides lets ORT drop the pair
             prod = self.producer(tensor)
             if prod is not None and prod.op_type in SHAPE_OPS and len(self.consumers(prod.input[0])) == 1:
@@ -281,7 +325,9 @@ class QdqGraph:
         integer_out = {n.output[0] for n, _ in self.integer_layers()}
         for node in self.g.node:  # adds and pools next to integer layers (not in a float-by-design part)
             near_integer = any(i in integer_out or i in given for i in node.input)
-            if (node.op_type == "Add" and not any(i in self.inits for i in node.input)
+            if self.add_of(node) is not None:
+                want(after_relu(node.output[0]), "residual add output")
+            elif (node.op_type == "Add" and not any(i in self.inits for i in node.input)
                     and (near_integer or after_relu(node.output[0]) in given)):
                 for i in node.input:
                     want(i, "residual add input")

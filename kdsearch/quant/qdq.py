@@ -94,6 +94,27 @@ def layer_quant(name: str, layer: nn.Module) -> LayerQuant:
     return LayerQuant(name, int(layer.weight_bits), codes, scale, act, isinstance(aq, HalfQuantizer), half_weight)
 
 
+@dataclass(frozen=True)
+class AddQuant:
+    """One quantized residual add (``QuantResidualAdd``): the grids of its branch and shortcut inputs."""
+
+    name: str
+    branch: ActGrid
+    shortcut: ActGrid
+
+
+@torch.no_grad()
+def add_quant(name: str, add: nn.Module) -> AddQuant:
+    """Read one ``QuantResidualAdd``; raises if a grid never saw data."""
+    grids = []
+    for which in ("branch", "shortcut"):
+        q = add.grid(which)
+        if not q.is_initialized:
+            raise ValueError(f"export_onnx: the {which} quantizer of residual add {name!r} never saw data; calibrate first")
+        grids.append(ActGrid(act_step(q), int(q.bits), bool(q.is_signed)))
+    return AddQuant(name, *grids)
+
+
 def qdq_operands(layer: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     """Kept for the layers' export hook: the exporter now runs quantized layers as float convs and writes the
     quantization into the ONNX graph itself (``export_onnx``), so a quantized layer is never traced directly."""

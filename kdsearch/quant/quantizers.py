@@ -59,6 +59,15 @@ def signed_range(bits: int) -> tuple[int, int]:
     return 2 ** (bits - 1), 2 ** (bits - 1) - 1
 
 
+def weight_range(bits: int) -> tuple[int, int]:
+    """(Qn, Qp) of a b-bit weight code: 8-bit weights use the narrow symmetric range [-127, 127] (TFLite's int8
+    weight convention), narrower ones the full range. Why: the deployed graph folds a negative BatchNorm scale into
+    the weights by negating a channel's codes, and -(-128) does not fit int8 (ORT would hold it at 127: another
+    model); a b < 8-bit code negates within int8 anyway."""
+    qn, qp = signed_range(bits)
+    return (qp, qp) if bits == 8 else (qn, qp)
+
+
 def unsigned_range(bits: int) -> tuple[int, int]:
     return 0, 2**bits - 1
 
@@ -95,7 +104,7 @@ def init_weight_step(weight: Tensor, bits: int, method: str = "mse") -> Tensor:
     benchmarks/qat_overhead.py): MSE gives the lowest error at every bit-width, hence the default.
     """
     _check_bits(bits)
-    qn, qp = signed_range(bits)
+    qn, qp = weight_range(bits)
     w = weight.detach().float().reshape(weight.shape[0], -1)
     amax = w.abs().amax(dim=1, keepdim=True)
     if method == "lsq":
@@ -185,7 +194,7 @@ class LsqWeightQuantizer(nn.Module):
         _check_bits(bits)
         _check_impl(impl)
         self.bits = bits
-        self.qn, self.qp = signed_range(bits)
+        self.qn, self.qp = weight_range(bits)
         self.impl = impl
         self.scale = StepOf(out_channels, bits < LEARN_BELOW if learned is None else learned)
         self.register_buffer("zero_point", torch.zeros(out_channels), persistent=False)

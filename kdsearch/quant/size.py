@@ -6,6 +6,8 @@ What is counted (one entry per tensor of the file, see ``storage_plan``; ``expor
   16-bit weights: 2 bytes each (IEEE half); 32-bit layers: 4 bytes each;
 * per integer layer: one fp32 step per output channel and, when its input is integer-quantized, one fp32
   activation step (bits and signedness go into the metadata JSON);
+* per quantized residual add (``QuantResidualAdd``): one fp32 step for each of its two inputs, also where the
+  shortcut shares the grid of a layer's input (the file stays one tensor per step; 4 bytes);
 * each BatchNorm: 2 fp32 per channel, its running statistics and affine folded into ``y*a + b``
   (the seed counts BN's 2 parameters per channel at 32 bits; the folded pair is what the file holds);
 * every other parameter (biases, ...) and persistent buffer at its stored width (fp32).
@@ -33,10 +35,12 @@ from typing import Literal
 from torch import nn
 
 from .bitconfig import ActRule, BitConfig, check_act_rule, quantizable_layers, resolve_act_bits
-from .layers import is_quant_layer
+from kdsearch.models.residual import ResidualAdd
+
+from .layers import ADD_INPUTS, QuantResidualAdd, is_quant_layer
 from .quantizers import HalfQuantizer, LsqActQuantizer, LsqWeightQuantizer, StepOf
 
-Role = Literal["qweight", "hweight", "scale", "act_step", "bn", "float"]
+Role = Literal["qweight", "hweight", "scale", "act_step", "add_step", "bn", "float"]
 _QUANTIZER_TYPES = (LsqWeightQuantizer, LsqActQuantizer, HalfQuantizer, StepOf)
 
 
@@ -100,11 +104,16 @@ def storage_plan(
 ) -> list[StoredTensor]:
     """Every tensor the exported file holds for ``model`` (float + config, or already quantized)."""
     specs = _layer_specs(model, bit_config, act_bits)
+    integer_acts = any(ab is not None for _, ab in specs.values())  # `quantize` then quantizes the residual adds
+    float_model = not any(is_quant_layer(x) for x in model.modules())
     plan: list[StoredTensor] = []
     for mod_name, m in model.named_modules():
         if isinstance(m, _QUANTIZER_TYPES):
             continue  # covered by their layer's entries
         prefix = f"{mod_name}." if mod_name else ""
+        if isinstance(m, QuantResidualAdd) or (isinstance(m, ResidualAdd) and integer_acts and float_model):
+            plan += [StoredTensor(f"{prefix}{k}_step", "add_step", 1, 32) for k in ADD_INPUTS]
+            continue
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             plan.append(StoredTensor(f"{prefix}affine", "bn", 2 * m.num_features, 32))
             continue

@@ -20,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from ..quant import bops_costs, layer_inventory
-from ..sensitivity.costs import layer_byte_costs, resolve_pins
+from ..sensitivity.costs import layer_byte_costs, residual_add_bytes, resolve_pins
 from ..sensitivity.priors import layer_choices
 from ..spec import QuantConfig
 
@@ -47,6 +47,8 @@ class SearchSpace:
     # defaults as class attributes: a space pickled before BOPs existed restores as a size-only space
     bops: tuple[tuple[int, ...], ...] = ()
     budget_gbops: float | None = None
+    # the quantized residual adds' steps, in fixed_bytes; a configuration with no integer (<= 8-bit) layer has none
+    add_bytes: int = 0
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -98,7 +100,8 @@ class SearchSpace:
     def size_bytes(self, bits: Mapping[str, int]) -> int:
         """Exactly ``model_size(model, bits).total_bytes`` (tested), for any allowed configuration."""
         try:
-            return self.fixed_bytes + sum(self._cost_of[n][int(bits[n])] for n in self.layers)
+            total = self.fixed_bytes + sum(self._cost_of[n][int(bits[n])] for n in self.layers)
+            return total - (self.add_bytes if all(int(bits[n]) > 8 for n in self.layers) else 0)
         except KeyError as err:
             raise ValueError(f"bit config {dict(bits)} is outside the search space ({err})") from None
 
@@ -249,7 +252,8 @@ def build_space(model: nn.Module, quant: QuantConfig, budget_mb: float | None,
                         tuple(tuple(costs[(n, b)] for b in choices[n]) for n in names),
                         int(fixed), int(num_params), None if budget_mb is None else float(budget_mb),
                         tuple(tuple(bops[(n, b)] for b in choices[n]) for n in names),
-                        None if budget_gbops is None else float(budget_gbops))
+                        None if budget_gbops is None else float(budget_gbops),
+                        residual_add_bytes(model, quant.act_bits))
     if space.budget_bytes is not None and space.min_bytes > space.budget_bytes:
         raise ValueError(f"search.budgets_mb: {budget_mb} MB is below the smallest reachable size "
                          f"{space.min_bytes / 1e6:.6f} MB for these layers, pins and bit-widths")

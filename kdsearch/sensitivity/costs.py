@@ -8,6 +8,11 @@ weights, per-channel scales, activation step). So the size of any configuration 
 
 with ``cost(l, b)`` measured as a difference of two ``model_size`` calls. ``check_costs`` verifies the
 identity on a given configuration; the sensitivity stage runs it on every warm start it writes.
+
+One term is shared, not per layer: the quantized residual adds' steps (``residual_add_bytes``), which the file
+holds when at least one layer is integer. ``fixed_bytes`` includes them; a configuration with no integer layer
+at all (every layer 16 or 32 bits) is ``residual_add_bytes`` smaller than the sum (``SearchSpace.size_bytes``
+subtracts it; elsewhere the sum is a bound, 8 bytes per add over).
 """
 
 from __future__ import annotations
@@ -16,8 +21,8 @@ from collections.abc import Mapping, Sequence
 
 from torch import nn
 
-from ..quant import BitConfig, layer_inventory, model_size
-from ..quant.bitconfig import ActRule
+from ..quant import BitConfig, layer_inventory, model_size, storage_plan
+from ..quant.bitconfig import ActRule, resolve_act_bits
 
 
 def layer_names(model: nn.Module) -> list[str]:
@@ -36,6 +41,18 @@ def resolve_pins(names: Sequence[str], pin: Mapping[str, int] | None) -> dict[st
     return out
 
 
+def is_integer_width(bits: int, act_bits: ActRule) -> bool:
+    """A layer at ``bits`` under the activation rule runs integer (integer weights and integer input)."""
+    ab = resolve_act_bits(int(bits), act_bits)
+    return int(bits) <= 8 and ab is not None and ab <= 8
+
+
+def residual_add_bytes(model: nn.Module, act_bits: ActRule = 8) -> int:
+    """Bytes of the quantized residual adds' steps: what a configuration with an integer layer holds for them."""
+    cfg = BitConfig.uniform(model, 8)
+    return sum(t.nbytes for t in storage_plan(model, cfg, act_bits) if t.role == "add_step")
+
+
 def layer_byte_costs(
     model: nn.Module, bits_by_layer: Mapping[str, Sequence[int]], act_bits: ActRule = 8
 ) -> tuple[int, dict[tuple[str, int], int]]:
@@ -48,14 +65,15 @@ def layer_byte_costs(
     base_cfg = BitConfig.uniform(model, 32)
     base = model_size(model, base_cfg, act_bits=act_bits).total_bytes
     w32 = {n: model.get_submodule(n).weight.numel() * model.get_submodule(n).weight.element_size() for n in names}
-    fixed = base - sum(w32.values())
+    adds = residual_add_bytes(model, act_bits)
+    fixed = base - sum(w32.values()) + adds
     costs: dict[tuple[str, int], int] = {}
     for name, bits in bits_by_layer.items():
         if name not in w32:
             raise ValueError(f"layer {name!r} is not a quantizable layer of the model")
         for b in bits:
             size = model_size(model, base_cfg.updated({name: int(b)}), act_bits=act_bits).total_bytes
-            costs[(name, int(b))] = size - base + w32[name]
+            costs[(name, int(b))] = size - base + w32[name] - (adds if is_integer_width(b, act_bits) else 0)
     return fixed, costs
 
 
@@ -65,6 +83,8 @@ def check_costs(
     """Return model_size(cfg).total_bytes after checking it equals fixed + sum of the per-layer costs."""
     actual = model_size(model, cfg, act_bits=act_bits).total_bytes
     predicted = int(fixed_bytes) + sum(int(costs[(n, int(b))]) for n, b in cfg.items())
+    if not any(is_integer_width(b, act_bits) for b in cfg.values()):
+        predicted -= residual_add_bytes(model, act_bits)
     if actual != predicted:
         raise RuntimeError(
             f"size model is not additive over layers for {cfg.to_dict()}: model_size says {actual} bytes, "
