@@ -36,8 +36,10 @@ RECIPE_VERSION = 5  # 5: the integer graph (int32 biases, one grid per tensor, q
 
 def recipe_key(spec: Spec) -> dict[str, Any]:
     """The QAT recipe's own inputs besides the TrainConfig (callers fold it into their resume keys)."""
+    from .quant import QUANT_VERSION
+
     q = spec.quant
-    return {"recipe": RECIPE_VERSION, "calib_batches": q.calib_batches, "bn_batches": q.bn_batches}
+    return {"recipe": RECIPE_VERSION, "quant": QUANT_VERSION, "calib_batches": q.calib_batches, "bn_batches": q.bn_batches}
 
 
 def clean_train_batches(bundle: Any, n_batches: int, batch_size: int, device: torch.device,

@@ -9,6 +9,11 @@
     export_onnx(model, "m.onnx", calib=val_images)                # integer ONNX that ORT fuses (checked)
 """
 
+# The quantizers' arithmetic and the size model, as one number: every cached result measured with them (the
+# sensitivity table's bytes and KLs, a QAT model) keys on it. 2: 8-bit weights on [-127, 127], the quantized
+# residual adds' steps in the size model (`integer_graph`).
+QUANT_VERSION = 2
+
 from .api import (
     act_bits_of, bit_config_of, calibrate, is_quantized, quantize, quantizer_parameters, reestimate_bn,
 )
@@ -42,6 +47,7 @@ from .precision import strict_fp32, strict_fp32_active
 from .size import FloatPart, SizeReport, StoredTensor, float_parts, model_size, storage_plan
 
 __all__ = [
+    "QUANT_VERSION",
     "SUPPORTED_BITS",
     "BitConfig",
     "BopsReport",

@@ -24,7 +24,7 @@ import torch
 
 from ..checkpoints import CheckpointError
 from ..io import atomic_path, stable_hash
-from ..quant import BitConfig, layer_inventory, model_bops
+from ..quant import QUANT_VERSION, BitConfig, layer_inventory, model_bops
 from ..quant.bops import layer_bops
 from ..spec import Spec
 from .costs import check_costs, layer_byte_costs, resolve_pins
@@ -50,7 +50,8 @@ def table_bits(spec: Spec, names: list[str]) -> dict[str, list[int]]:
 
 def table_key(spec: Spec, model_digest: str) -> str:
     d = spec.key_dict()
-    return stable_hash({"v": TABLE_VERSION, "model": model_digest, "data": d["data"], "seed": d["seed"],
+    return stable_hash({"v": TABLE_VERSION, "quant": QUANT_VERSION, "model": model_digest, "data": d["data"],
+                        "seed": d["seed"],
                         "calib_size": spec.sensitivity.calib_size, "samples": spec.sensitivity.hutchinson_samples,
                         "bits": d["quant"]["bits"], "pin": d["quant"]["pin"], "act_bits": d["quant"]["act_bits"]})
 
