@@ -94,7 +94,7 @@ def bind(model: nn.Module, x: Tensor) -> dict[str, Any]:
     try:
         model.eval()
         with bypass_quantization(model):
-            model(x)
+            model.forward(x)  # not model(x): the model's own hooks (a caller's, and the binding pre-hook) stay out
     finally:
         for h in hooks:
             h.remove()

@@ -10,12 +10,17 @@ What runs at which width in ORT (CPU provider, checked by ``onnx_fusion.check_fu
   exactly the uint8 grid with zero point 128 (b = 8), an unsigned one zero point 0, so each layer's input is
   rounded exactly as in QAT; below 8 bits a float ``Clip`` to the layer's range comes first (8-bit containers).
   ONNX has no 2/3/5/6-bit type and ORT does not fuse int4, so the *compressed* artifact is the ``.kdq`` file.
-* **Requantizations the QAT model does not have.** The QAT model quantizes each layer's *input* only; ORT needs
-  a QuantizeLinear after every fused op. Where a layer's output reaches the next layer's input through at most a
-  ReLU, the next layer's own grid is used (exact). Elsewhere, a scale is calibrated (min/max, uint8) on images
-  the caller gives (the run's validation images, never test): a residual ``Add``'s inputs and output
-  (``QLinearAdd``), a pooling's input, and a layer output that feeds neither. Each such place is listed in the
-  model's metadata (``kdsearch.requantized``); `kdsearch bench` measures what they change (top-1 agreement).
+* **The QAT model is the integer graph** (`integer_graph`): the BatchNorm after an integer layer adds its bias
+  on the int32 accumulator grid, integer layers reading one tensor share one grid, and the zoo's residual adds
+  add quantized inputs (``QuantResidualAdd``), whose grids the export takes. ORT's model then computes the `.kdq`
+  model's function up to fp32 summation order.
+* **Requantizations the QAT model does not have.** ORT needs a QuantizeLinear after every fused op. Where a
+  layer's output reaches the next layer's input through at most a ReLU, the next layer's own grid is used
+  (exact). Elsewhere a scale is calibrated (min/max, uint8) on images the caller gives (the run's validation
+  images, never test): the input of the global pooling, a layer output that feeds no quantized tensor, and the
+  inputs and output of a residual ``Add`` that is not a ``ResidualAdd`` module (a user's model written with
+  ``+``). Each such place is listed in the model's metadata (``kdsearch.requantized``); `kdsearch bench`
+  measures the top-1 agreement with the `.kdq`.
 * **16-bit layers**: float ``Conv``/``Gemm`` in fp32 with fp16-rounded weights and an fp16-rounded input
   (``Cast`` there and back). ORT's CPU provider has no fp16/int16 conv, so they are float by design (metadata
   ``kdsearch.float_layers``); 32-bit layers stay float too. The residual adds and pooling around them stay float.

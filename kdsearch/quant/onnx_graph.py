@@ -8,12 +8,20 @@ per quantized tensor (uint8, zero point), the form ORT's QDQ selectors turn into
 ``QLinearAdd``/``QLinearGlobalAveragePool``.
 
 Which tensors are quantized, and at which scale (`Point`):
-* the input of an integer layer: that layer's own activation grid (the QAT model's, exact). A tensor read by
-  several integer layers with different grids takes the first one's; the others requantize from it.
-* the inputs and output of a residual ``Add`` next to an integer layer (the output after its ReLU), the input of
-  a pooling whose output is quantized, and an integer layer's output that does not already reach a quantized
-  tensor through at most one ReLU: a scale calibrated on data (min/max, uint8). These are requantizations the QAT
-  model does not have (``Point.calibrated``). A part of the graph between float (16/32-bit) layers stays float.
+* the input of an integer layer: that layer's own activation grid (the QAT model's, exact). Integer layers that
+  read one tensor share one grid in QAT (`integer_graph`); where they do not (a model quantized without binding),
+  the first one's is taken and the others requantize from it.
+* the inputs of a quantized residual add (``QuantResidualAdd``, found by the Add node's module scope): its
+  branch and shortcut grids (exact), so ORT's ``QLinearAdd`` adds what QAT adds.
+* a calibrated scale (min/max, uint8) where the QAT model has no grid but the runtime needs one
+  (``Point.calibrated``): the inputs and output of an ``Add`` that is not a quantized add, the input of a pooling
+  whose output is quantized (the last block's output: the one left in the zoo's models), and an integer layer's
+  output that reaches no quantized tensor through at most one ReLU. A part of the graph between float (16/32-bit)
+  layers stays float.
+
+Who reads a quantized tensor: for a calibrated point every consumer; for a QAT-given one the consumers that
+quantize it in QAT (integer layers, quantized adds, shape ops on the way to one). A float layer or a BatchNorm
+reads the tensor in float, as in QAT, unless the runtime has it only quantized (an integer layer's output).
 """
 
 from __future__ import annotations
