@@ -21,7 +21,6 @@ the efficiency section states the paired differences to them in words.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -29,15 +28,15 @@ from typing import Any
 import pandas as pd
 
 from .io import atomic_write_text
+from .report_sections import finalized_section, search_section, sensitivity_section
+from .report_text import NOT_RUN, by_seed, difference_line, fmt_ms, mean_std, pct
 from .row_costs import fmt_gbops, gbops_of_bits, with_gbops
 from .rundir import RunDir, read_json
 from .selection import Budget, best_first, export_default, model_means, spec_budgets, within
 from .status import check_run_dir, markdown_table, run_spec, stage_rows
-from .tables import FRONT_FORMAT
 
 log = logging.getLogger("kdsearch.report")
 
-NOT_RUN = "not run yet"
 UNIFORM_ROWS = (("QAT Scratch", "16-bit", "qat_scratch_16"), ("QAT KD", "16-bit", "qat_kd_16"),
                 ("QAT Scratch", "8-bit", "qat_scratch_8"), ("QAT KD", "8-bit", "qat_kd_8"))
 PTQ_ROW = ("PTQ (KD student, no training)", "8-bit", "ptq_kd_8")
@@ -45,28 +44,6 @@ ALLOCATION = "allocation only"  # the role finalize gives the solver's configura
 MIXED_ROWS = ((16, 8), (8, 4))
 ROW_COLUMNS = ["Configuration", "Bit-width scheme", "Test acc. (%)", "n", "Val acc. (%)", "Size (MB)", "GBOPs",
                "File (bytes)", "Avg bits", "Teachers", "Model"]
-
-
-def _pct(v: Any) -> str:
-    return f"{float(v):.2f}" if v is not None and v == v else "-"
-
-
-def mean_std(values: list[float] | pd.Series) -> tuple[float, float, int]:
-    """(mean, sample std (0 for one value), n) of accuracies; NaN mean for none."""
-    v = [float(x) for x in values if x is not None and x == x]
-    if not v:
-        return math.nan, math.nan, 0
-    m = sum(v) / len(v)
-    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
-    return m, sd, len(v)
-
-
-def fmt_ms(values: list[float] | pd.Series) -> str:
-    """'73.45 ± 0.31' (mean ± sample std over seeds), '73.45' for one seed, '-' for none."""
-    m, sd, n = mean_std(values)
-    if n == 0:
-        return "-"
-    return f"{m:.2f} ± {sd:.2f}" if n > 1 else f"{m:.2f}"
 
 
 def _float_student(run_dir: Path) -> dict[str, Any]:
@@ -239,32 +216,9 @@ def _teachers_line(run_dir: Path, spec: dict[str, Any]) -> str:
     found = {p.stem: read_json(p) for p in sorted(RunDir(run_dir).teachers_dir.glob("*.json"))}
     found |= {a: found.get(RunDir(run_dir).teacher(a).stem) for a in order}  # an import path's file name
     archs = order or sorted(found)
-    parts = [f"{a} (test {_pct(found[a].get('test_acc'))}%, val {_pct(found[a].get('val_acc'))}%)"
+    parts = [f"{a} (test {pct(found[a].get('test_acc'))}%, val {pct(found[a].get('val_acc'))}%)"
              if a in found and found[a] else f"{a} ({NOT_RUN})" for a in archs]
     return ", ".join(parts) if parts else NOT_RUN
-
-
-def paired_difference(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, int]:
-    """Mean ± std of a[s] - b[s] over the seeds both have (a paired comparison: same seed, same views)."""
-    common = sorted(set(a) & set(b))
-    return mean_std([a[s] - b[s] for s in common])
-
-
-def difference_line(what: str, a: dict[int, float], b: dict[int, float]) -> str:
-    """One line: the paired difference, and whether it is inside the seed-to-seed spread."""
-    m, sd, n = paired_difference(a, b)
-    if n == 0:
-        return f"* {what}: {NOT_RUN}"
-    if n == 1:
-        return f"* {what}: {m:+.2f} points (one seed: no spread to compare it with; set `seeds: [0, 1, 2]` in the spec for one)"
-    verdict = "larger than" if abs(m) > sd else "inside"
-    return f"* {what}: {m:+.2f} ± {sd:.2f} points (paired over n={n} seeds; the difference is {verdict} its spread)"
-
-
-def _by_seed(rows: list[dict[str, Any]] | pd.DataFrame, col: str = "test_acc") -> dict[int, float]:
-    if isinstance(rows, pd.DataFrame):
-        return {int(s): float(v) for s, v in zip(rows["seed"], rows[col])}
-    return {int(m["seed"]): float(m[col]) for m in rows if m.get(col) is not None}
 
 
 def _efficiency(final: pd.DataFrame | None, run_dir: Path, student: dict[str, Any],
@@ -274,7 +228,7 @@ def _efficiency(final: pd.DataFrame | None, run_dir: Path, student: dict[str, An
         return [f"* Original size (FP32): {NOT_RUN}"]
     lines = [f"* **Original size (FP32):** {fp32:.4f} MB ({student['params']:,} parameters x 4 bytes)"]
     scratch, kd = students(run_dir, "scratch"), students(run_dir, "kd")
-    lines.append(difference_line("KD (FP32) - scratch (FP32), test accuracy", _by_seed(kd), _by_seed(scratch)))
+    lines.append(difference_line("KD (FP32) - scratch (FP32), test accuracy", by_seed(kd), by_seed(scratch)))
     models = model_means(final) if final is not None else None
     if models is None or not len(models):
         return lines + [f"* Compressed size: {NOT_RUN} (finalize)"]
@@ -291,7 +245,7 @@ def _efficiency(final: pd.DataFrame | None, run_dir: Path, student: dict[str, An
               f"test accuracy (n={int(pick['n'])})",
               f"* **Reduction:** {fp32 / pick['size_mb']:.1f}x smaller{vs}"]
     pick_rows = final[final["id"] == pick["id"]]
-    lines.append(difference_line(f"`{pick['id']}` - KD (FP32), test accuracy", _by_seed(pick_rows), _by_seed(kd)))
+    lines.append(difference_line(f"`{pick['id']}` - KD (FP32), test accuracy", by_seed(pick_rows), by_seed(kd)))
     lines += _baseline_lines(final, models, kd, budgets)
     for b in budgets:
         fits = within(models, [b])
@@ -314,14 +268,14 @@ def _baseline_lines(final: pd.DataFrame, models: pd.DataFrame, kd: list[dict[str
     The searched model per budget is the one finalize's "best <= budget" role names (chosen on validation).
     """
     def seeds_of(mid: str) -> dict[int, float]:
-        return _by_seed(final[final["id"] == mid])
+        return by_seed(final[final["id"] == mid])
 
     ids = set(models["id"])
     lines: list[str] = []
     if {"qat_kd_8", "ptq_kd_8"} <= ids:
         lines.append(difference_line("What QAT added: QAT KD 8-bit - PTQ 8-bit (no training), test accuracy",
                                      seeds_of("qat_kd_8"), seeds_of("ptq_kd_8")))
-        lines.append(difference_line("QAT KD 8-bit - KD (FP32), test accuracy", seeds_of("qat_kd_8"), _by_seed(kd)))
+        lines.append(difference_line("QAT KD 8-bit - KD (FP32), test accuracy", seeds_of("qat_kd_8"), by_seed(kd)))
     for b in budgets:
         alloc = _allocation(models, b)
         best = models[models["roles"].astype(str).str.contains(f"best <= {b}", regex=False)]
@@ -337,84 +291,6 @@ def _baseline_lines(final: pd.DataFrame, models: pd.DataFrame, kd: list[dict[str
                                      f"`{alloc['id']}` ({alloc['label']}, {alloc['size_mb']:.4f} MB), test accuracy",
                                      seeds_of(pick["id"]), seeds_of(alloc["id"])))
     return lines
-
-
-def _search_section(run_dir: Path) -> list[str]:
-    summary = read_json(run_dir / "search" / "summary.json")
-    if not summary:
-        return [NOT_RUN]
-    c = summary.get("counts", {})
-    out = [f"{summary.get('launched', 0)} trials launched ({', '.join(f'{v} {k}' for k, v in c.items() if v)}); "
-           + "".join(f"budget {summary[k]} {unit}; " for k, unit in (("budget_mb", "MB"), ("budget_gbops", "GBOPs"))
-                     if summary.get(k) is not None)
-           + f"hypervolume of accuracy and {summary.get('cost', 'size_mb')} {summary.get('hypervolume', 0):.4g} "
-           f"(reference {summary.get('reference_point')}); front of {summary.get('front', 0)}; "
-           f"best validation accuracy {_pct(summary.get('best_acc'))}%; updated {summary.get('updated', '?')}.", ""]
-    if (run_dir / "search" / "pareto.png").is_file():
-        out += ["![Pareto front: accuracy vs size and vs BOPs](search/pareto.png)", ""]
-    pf = run_dir / "search" / "pareto.parquet"
-    if pf.is_file():
-        front = pd.read_parquet(pf)
-        if len(front):
-            bit_cols = [col for col in front.columns if col.startswith("bits.")]
-            front = front.assign(bits=front[bit_cols].astype(str).agg("/".join, axis=1))
-            cols = [c for c in ("number", "val_acc", "size_mb", "gbops", "avg_bits", "epochs", "bits") if c in front]
-            out += [f"Pareto front (validation accuracy after {int(front['epochs'].max())} QAT epochs; bits in layer "
-                    f"order {'/'.join(c.removeprefix('bits.') for c in bit_cols)}):", "",
-                    markdown_table(front[cols], FRONT_FORMAT)]
-    return out
-
-
-def _sensitivity_section(run_dir: Path) -> list[str]:
-    sdir = run_dir / "sensitivity"
-    priors = read_json(sdir / "priors.json")
-    if not priors and not (sdir / "sensitivity.png").is_file():
-        return [NOT_RUN]
-    out = []
-    if (sdir / "sensitivity.png").is_file():
-        out += ["![Layer sensitivity per bit-width](sensitivity/sensitivity.png)", ""]
-    if priors:
-        starts = [w for w in priors.get("warm_starts", []) if w.get("multiple") == 1.0]
-        excluded = sum(len(v) for v in (priors.get("excluded") or {}).values())
-        out.append(f"Metric {priors.get('metric')}; {excluded} (layer, bits) choices excluded; pinned "
-                   f"{priors.get('pinned')}.")
-        for w in starts:
-            what = f"{w['total_mb']:.4f} MB" if w.get("feasible") else f"infeasible ({w.get('reason')})"
-            out.append(f"* Solver start for {w['base_budget_mb']:g} MB: {what}")
-        for w in (w for w in priors.get("warm_starts_bops", []) if w.get("multiple") == 1.0):
-            what = f"{w['gbops']:.4g} GBOPs" if w.get("feasible") else f"infeasible ({w.get('reason')})"
-            out.append(f"* Solver start for {w['base_budget_gbops']:g} GBOPs: {what}")
-        out += _float_lines(priors.get("float"))
-    return out
-
-
-def _float_lines(parts: list[dict[str, Any]] | None) -> list[str]:
-    """What stays in float and why (the sensitivity stage's `float_parts`), one line per reason."""
-    if not parts:
-        return []
-    by_why: dict[str, list[dict[str, Any]]] = {}
-    for p in parts:
-        by_why.setdefault(p["why"], []).append(p)
-    lines = ["", "Stays in float (fp32 in the exported file), and why:"]
-    for why, ps in by_why.items():
-        names = ", ".join(p["name"] for p in ps[:6]) + (f" and {len(ps) - 6} more" if len(ps) > 6 else "")
-        lines.append(f"* {why}: {len(ps)} ({sum(p['params'] for p in ps):,} parameters): {names}")
-    return lines
-
-
-def _finalized_section(final: pd.DataFrame | None) -> list[str]:
-    if final is None:
-        return [NOT_RUN]
-    cols = ["id", "seed", "label", "roles", "start", "kd", "source", "val_acc", "export_val_acc", "test_acc",
-            "size_mb", "file_bytes", "avg_bits", "compression", "search_acc", "node"]
-    bad = final[~final["export_ok"].astype(bool)]
-    note = ("All exports verified: reloaded from the packed file, each reproduces the trained model's validation "
-            "accuracy; the test accuracy is the reloaded file's." if not len(bad) else
-            f"**Export check failed for {', '.join(bad['id'] + ' s' + bad['seed'].astype(str))}**: the reloaded "
-            "file does not reproduce the trained model's validation accuracy.")
-    return [markdown_table(final[[c for c in cols if c in final.columns]],
-                           {"val_acc": ".2f", "export_val_acc": ".2f", "test_acc": ".2f", "size_mb": ".4f",
-                            "avg_bits": ".2f", "compression": ".1f", "search_acc": ".2f"}), "", note]
 
 
 def _add_latency(run_dir: Path, table: pd.DataFrame) -> list[str]:
@@ -493,9 +369,9 @@ def render_report(run_dir: str | Path) -> str:
         "Teachers: where the KD rows' teacher logits came from (a cache covering every epoch they train, or "
         "live Ray actors); a KD row and its scratch row see the same augmented views, epoch by epoch.", "",
         "## Efficiency analysis", "", *_efficiency(final, p, student, budgets), "",
-        "## All finalized models", "", *_finalized_section(final), "",
-        "## Search", "", *_search_section(p), "",
-        "## Layer sensitivity", "", *_sensitivity_section(p), "",
+        "## All finalized models", "", *finalized_section(final), "",
+        "## Search", "", *search_section(p), "",
+        "## Layer sensitivity", "", *sensitivity_section(p), "",
         "## Stages", "",
         markdown_table(stages), "",
     ]

@@ -36,6 +36,7 @@ import pandas as pd
 
 from .io import atomic_write_text
 from .pareto import ACC, BOPS, COST_UNITS, SIZE
+from .report_text import NOT_RUN
 from .rundir import RunDir
 
 if TYPE_CHECKING:
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kdsearch.report")
 
-NOT_RUN = "not run yet"  # report.md's words (this module is imported by kdsearch.report, never the reverse)
 JOURNAL = "optuna-journal.log"  # search/<this>: where the search keeps its Optuna study
 OLD_ACC = "acc"  # what runs searched before validation accuracy got its own name call it
 VALUE_NAMES = ["size (MB)", "validation accuracy (%)"]  # the Pareto plot's axes: x = size, y = accuracy

@@ -13,7 +13,7 @@ from kdsearch.io import atomic_write_json
 from kdsearch.models import create_model
 from kdsearch.quant import (BitConfig, calibrate, export_quantized, float_parts, load_quantized, model_size,
                             quantizable_layers, quantize)
-from kdsearch.report import _sensitivity_section
+from kdsearch.report_sections import sensitivity_section
 
 MNV3 = "torchvision.models:mobilenet_v3_small"
 CYCLE = (8, 4, 2, 16, 6, 32)
@@ -108,7 +108,7 @@ def test_the_report_lists_what_stays_float(tmp_path):
     parts = [{"name": "bn", "kind": "BatchNorm2d", "params": 16, "why": "BatchNorm: folded"},
              {"name": "norm", "kind": "LayerNorm", "params": 16, "why": "LayerNorm is not an nn.Conv2d"}]
     atomic_write_json(tmp_path / "sensitivity" / "priors.json", {"metric": "kl", "float": parts})
-    text = "\n".join(_sensitivity_section(tmp_path))
+    text = "\n".join(sensitivity_section(tmp_path))
     assert "Stays in float" in text and "* LayerNorm is not an nn.Conv2d: 1 (16 parameters): norm" in text
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from kdsearch.context import RunContext
 from kdsearch.pipeline import run_pipeline
-from kdsearch.report import difference_line, fmt_ms, mean_std
+from kdsearch.report_text import difference_line, fmt_ms, mean_std
 from kdsearch.spec import load_spec, parse_override
 from kdsearch.stages.baselines import student_units
 from kdsearch.stages.tasks import gather
