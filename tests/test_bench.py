@@ -44,6 +44,7 @@ def test_bench_json_names_the_machine_and_measures_every_model(benched) -> None:
         if r["id"].endswith("_16"):  # 16-bit layers: float by design (no fp16 conv in ORT's CPU provider)
             assert f["integer_total"] == 0 and f["float_by_design"]
         assert r["agreement"] >= 90.0 and r["test_images"] > 0
+        assert isinstance(r["requantized"], list) and all(isinstance(n, str) for n in r["requantized"])
         assert r["speedup_vs_fp32"] == pytest.approx(r["fp32_alongside"]["median_ms"] / r["median_ms"])
 
 

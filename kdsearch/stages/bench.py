@@ -66,18 +66,22 @@ def run_bench(run_dir: str, runs: int = 1000, address: str | None = None) -> dic
 
 
 def bench_table(result: dict[str, Any]) -> str:
-    """A markdown table of bench.json: one row per FP32 student and finalized model."""
+    """A markdown table of bench.json: one row per FP32 student and finalized model. "Requantized in ORT only":
+    how many tensors the integer graph quantizes where the QAT model computes in float (``bench.json`` names
+    them): with the zoo's quantized residual adds, the global pooling's input alone."""
     m = result["machine"]
     lines = [f"ONNX Runtime {result['onnxruntime']} CPU provider, batch {result['batch']}, "
              f"{result['intra_op_num_threads']} thread, {result['runs']} runs after {result['warmup']} warm-up; "
              f"{m['model']} ({'VNNI' if m['vnni'] else 'no VNNI'}: {', '.join(m['flags']) or 'none'})", "",
              "| model | seed | integer / float-by-design / unfused convs+gemms | median ms | p90 ms | FP32 median ms "
-             "(timed alongside) | speed-up vs FP32 | top-1 agreement ORT vs .kdq (%) |", "|---|---|---|---|---|---|---|---|"]
+             "(timed alongside) | speed-up vs FP32 | top-1 agreement ORT vs .kdq (%) | requantized in ORT only |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result["fp32"]:
-        lines.append(f"| FP32 KD student | {r['seed']} | float | {r['median_ms']:.3f} | {r['p90_ms']:.3f} | | 1.00x | |")
+        lines.append(f"| FP32 KD student | {r['seed']} | float | {r['median_ms']:.3f} | {r['p90_ms']:.3f} | | 1.00x | | |")
     for r in result["models"]:
         f = r["fusion"]
         lines.append(f"| {r['id']} ({r['label']}) | {r['seed']} | {f['integer_total']} / {len(f['float_by_design'])} / "
                      f"{len(f['float_unfused'])} | {r['median_ms']:.3f} | {r['p90_ms']:.3f} | "
-                     f"{r['fp32_alongside']['median_ms']:.3f} | {r['speedup_vs_fp32']:.2f}x | {r['agreement']:.2f} |")
+                     f"{r['fp32_alongside']['median_ms']:.3f} | {r['speedup_vs_fp32']:.2f}x | {r['agreement']:.2f} | "
+                     f"{len(r.get('requantized', []))} |")
     return "\n".join(lines) + "\n"
