@@ -191,3 +191,28 @@ def test_zoo_residual_blocks_export_the_qat_models_own_graph(tmp_path, bits):
     got = _ort(tmp_path / "r.onnx", x)
     assert (got.argmax(1) == want.argmax(1)).all()
     assert np.median(np.abs(got - want).max(1)) <= 0.01 * np.abs(want).max()
+
+
+def test_an_integer_layer_read_only_by_a_float_layer_hands_it_float(tmp_path):
+    """A 16-bit layer right after an integer one reads that layer's float output in QAT; the export leaves the
+    integer conv unfused on purpose (fp32 on its integer operands, listed as float by design) instead of
+    requantizing its output to 8 bits, and the ORT model stays the QAT model's function."""
+    from kdsearch.models import create_model
+    from kdsearch.quant import BitConfig
+
+    torch.manual_seed(0)
+    model = _trained_like(create_model("resnet8", num_classes=10))
+    cfg = {**BitConfig.uniform(model, 8).to_dict(), "layer1.0.conv2": 16}
+    calib = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    model = quantize(model, cfg, act_bits=8, calib=calib).eval()
+    report = export_onnx(model, tmp_path / "f.onnx", input_shape=(3, 32, 32), calib=calib)
+    why = {f.layer: f.reason for f in report.by_design}
+    assert report.ok and set(why) == {"layer1.0.conv1", "layer1.0.conv2"}
+    assert "read only by float layers" in why["layer1.0.conv1"] and report.integer["QLinearConv"] == 7
+    notes = __import__("json").loads({p.key: p.value for p in onnx.load(str(tmp_path / "f.onnx")).metadata_props}
+                                     ["kdsearch.requantized"])
+    assert not [n for n in notes if "integer layer output" in n]
+    x = torch.randn(256, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert (_ort(tmp_path / "f.onnx", x).argmax(1) == want.argmax(1)).all()

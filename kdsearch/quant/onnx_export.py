@@ -21,6 +21,9 @@ What runs at which width in ORT (CPU provider, checked by ``onnx_fusion.check_fu
   inputs and output of a residual ``Add`` that is not a ``ResidualAdd`` module (a user's model written with
   ``+``). Each such place is listed in the model's metadata (``kdsearch.requantized``); `kdsearch bench`
   measures the top-1 agreement with the `.kdq`.
+* **An integer layer read only by float layers** (a 16-bit layer right after it): QAT hands them its float
+  output, which a fused integer conv cannot produce (it requantizes to 8 bits). It runs as an fp32 conv on its
+  integer weights and input, exactly as in QAT, listed as float by design.
 * **16-bit layers**: float ``Conv``/``Gemm`` in fp32 with fp16-rounded weights and an fp16-rounded input
   (``Cast`` there and back). ORT's CPU provider has no fp16/int16 conv, so they are float by design (metadata
   ``kdsearch.float_layers``); 32-bit layers stay float too. The residual adds and pooling around them stay float.

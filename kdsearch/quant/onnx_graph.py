@@ -16,8 +16,9 @@ Which tensors are quantized, and at which scale (`Point`):
 * a calibrated scale (min/max, uint8) where the QAT model has no grid but the runtime needs one
   (``Point.calibrated``): the inputs and output of an ``Add`` that is not a quantized add, the input of a pooling
   whose output is quantized (the last block's output: the one left in the zoo's models), and an integer layer's
-  output that reaches no quantized tensor through at most one ReLU. A part of the graph between float (16/32-bit)
-  layers stays float.
+  output that reaches no quantized tensor through at most one ReLU and is not read by float layers only (such a
+  layer stays an fp32 conv on its integer operands, ``float_output``: what QAT computes). A part of the graph
+  between float (16/32-bit) layers stays float.
 
 Who reads a quantized tensor: for a calibrated point every consumer; for a QAT-given one the consumers that
 quantize it in QAT (integer layers, quantized adds, shape ops on the way to one). A float layer or a BatchNorm
@@ -77,6 +78,7 @@ class QdqGraph:
         self.unmapped_adds = sorted(set(adds or {}) - {a.name for a in self.adds.values()})
         self.clamped_weights = 0  # codes -(-128) that a negative BatchNorm scale pushed to 127
         self.notes: list[str] = []  # every place the graph quantizes where the QAT model computes in float
+        self.float_output: dict[str, str] = {}  # integer layers left unfused on purpose (`plan_points`) -> why
         self._n = 0
         self._inline_constant_identities()
         for node in self.g.node:  # name each layer's node after the layer, for ORT's optimized graph to be read
@@ -126,7 +128,7 @@ class QdqGraph:
                 lq = self.layer_of(n)
                 bits = 32 if lq is None else lq.weight_bits
                 out[n.name] = f"{bits}-bit layer: no integer kernel, runs in fp32"
-        return out
+        return out | self.float_output
 
     def integer_layers(self) -> list[tuple[onnx.NodeProto, LayerQuant]]:
         return [(n, lq) for n in self.g.node if (lq := self.layer_of(n)) is not None and lq.integer]
@@ -348,6 +350,14 @@ class QdqGraph:
         for node, _ in self.integer_layers():
             out = node.output[0]
             if out in outputs:
+                continue
+            readers = self.consumers(after_relu(out))
+            if readers and all(r.op_type in ("Conv", "Gemm") and not ((lq := self.layer_of(r)) and lq.integer)
+                               for r in readers):
+                # only float layers (16/32-bit) read it: QAT hands them this layer's float output, so the runtime
+                # must too. A fused integer conv could only hand over an 8-bit requantization of it.
+                self.float_output[node.name] = ("integer weights and input, output read only by float layers: "
+                                                "fp32 conv on its integer operands, exactly as in QAT")
                 continue
             relu_out = after_relu(out)
             reached = relu_out if relu_out != out else None
