@@ -9,7 +9,7 @@ For each finalized model it exports the integer ONNX exactly as the product does
 
 * **as exported**: the integer model ORT runs (every conv fused; `kdsearch bench` checks that);
 * **no calibrated requantization**: the same graph without the Quantize/Dequantize pairs whose scale the export
-  calibrated (with the zoo's quantized residual adds, the global pooling's input alone): a probe, not a runnable
+  calibrated (none in the zoo's models since their residual adds are quantized in QAT): a probe, not a runnable
   integer model. What remains is the QAT model's own rounding computed by integer kernels: int32 sums where
   the `.kdq` sums in fp32, which moves a value on a rounding boundary by one code.
 

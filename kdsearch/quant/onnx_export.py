@@ -17,10 +17,12 @@ What runs at which width in ORT (CPU provider, checked by ``onnx_fusion.check_fu
 * **Requantizations the QAT model does not have.** ORT needs a QuantizeLinear after every fused op. Where a
   layer's output reaches the next layer's input through at most a ReLU, the next layer's own grid is used
   (exact). Elsewhere a scale is calibrated (min/max, uint8) on images the caller gives (the run's validation
-  images, never test): the input of the global pooling, a layer output that feeds no quantized tensor, and the
-  inputs and output of a residual ``Add`` that is not a ``ResidualAdd`` module (a user's model written with
-  ``+``). Each such place is listed in the model's metadata (``kdsearch.requantized``); `kdsearch bench`
-  measures the top-1 agreement with the `.kdq`.
+  images, never test): a layer output that feeds no quantized tensor (and a pooling's input that an integer
+  layer produces), and the inputs and output of a residual ``Add`` that is not a ``ResidualAdd`` module (a user's
+  model written with ``+``). Each such place is listed in the model's metadata (``kdsearch.requantized``);
+  `kdsearch bench` measures the top-1 agreement with the `.kdq`. The zoo's models have none: a quantized add's
+  output that no reader quantizes in QAT (the last block's, before the pooling) stays float, and so does the
+  pooling, exactly as in QAT.
 * **An integer layer read only by float layers** (a 16-bit layer right after it): QAT hands them its float
   output, which a fused integer conv cannot produce (it requantizes to 8 bits). It runs as an fp32 conv on its
   integer weights and input, exactly as in QAT, listed as float by design.

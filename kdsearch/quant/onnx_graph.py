@@ -12,10 +12,12 @@ Which tensors are quantized, and at which scale (`Point`):
   read one tensor share one grid in QAT (`integer_graph`); where they do not (a model quantized without binding),
   the first one's is taken and the others requantize from it.
 * the inputs of a quantized residual add (``QuantResidualAdd``, found by the Add node's module scope): its
-  branch and shortcut grids (exact), so ORT's ``QLinearAdd`` adds what QAT adds.
+  branch and shortcut grids (exact), so ORT's ``QLinearAdd`` adds what QAT adds. Its output is quantized only
+  where a reader quantizes it in QAT; the zoo's last block's add and the pooling after it run in float, as in QAT.
+  The zoo's models then have no calibrated tensor at all.
 * a calibrated scale (min/max, uint8) where the QAT model has no grid but the runtime needs one
   (``Point.calibrated``): the inputs and output of an ``Add`` that is not a quantized add, the input of a pooling
-  whose output is quantized (the last block's output: the one left in the zoo's models), and an integer layer's
+  whose output is quantized when an integer layer produces it, and an integer layer's
   output that reaches no quantized tensor through at most one ReLU and is not read by float layers only (such a
   layer stays an fp32 conv on its integer operands, ``float_output``: what QAT computes). A part of the graph
   between float (16/32-bit) layers stays float.
@@ -336,7 +338,10 @@ class QdqGraph:
         for node in self.g.node:  # adds and pools next to integer layers (not in a float-by-design part)
             near_integer = any(i in integer_out or i in given for i in node.input)
             if self.add_of(node) is not None:
-                want(after_relu(node.output[0]), "residual add output")
+                # a quantized add's output is quantized where a reader quantizes it in QAT (the next block's conv
+                # or add: given); the last block's, which the pooling reads, stays float: ORT then adds and pools in
+                # float what QAT adds and pools in float (two cheap ops), instead of requantizing it
+                continue
             elif (node.op_type == "Add" and not any(i in self.inits for i in node.input)
                     and (near_integer or after_relu(node.output[0]) in given)):
                 for i in node.input:
@@ -344,8 +349,8 @@ class QdqGraph:
                     if i in given:
                         self.notes.append(f"residual add {node.name}: reads {i!r} at the next layer's input grid")
                 want(after_relu(node.output[0]), "residual add output")
-            elif node.op_type in POOLS and node.output[0] in given:
-                want(node.input[0], "pooling input")
+            elif node.op_type in POOLS and node.output[0] in given and self._integer_product(node.input[0]):
+                want(node.input[0], "pooling input")  # an integer layer's output: the runtime has it only quantized
         outputs = {o.name for o in self.g.output}
         for node, _ in self.integer_layers():
             out = node.output[0]

@@ -68,7 +68,7 @@ def run_bench(run_dir: str, runs: int = 1000, address: str | None = None) -> dic
 def bench_table(result: dict[str, Any]) -> str:
     """A markdown table of bench.json: one row per FP32 student and finalized model. "Requantized in ORT only":
     how many tensors the integer graph quantizes where the QAT model computes in float (``bench.json`` names
-    them): with the zoo's quantized residual adds, the global pooling's input alone."""
+    them): none in the zoo's models, whose residual adds are quantized in QAT; a user's ``+`` adds, for one."""
     m = result["machine"]
     lines = [f"ONNX Runtime {result['onnxruntime']} CPU provider, batch {result['batch']}, "
              f"{result['intra_op_num_threads']} thread, {result['runs']} runs after {result['warmup']} warm-up; "
