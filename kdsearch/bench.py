@@ -13,7 +13,6 @@ requantization scales are calibrated on validation images (`calibration_images`)
 from __future__ import annotations
 
 import copy
-import json
 import os
 import platform
 import time
@@ -157,17 +156,6 @@ def bench_fp32_task(spec_dict: dict[str, Any], run_dir: str, seed: int, runs: in
             **latency(path, bundle.image_shape, runs, sessions=BENCH_SESSIONS), "node": where()}
 
 
-def _requantized(path: str | os.PathLike[str]) -> list[str]:
-    """The places where the exported graph quantizes what the QAT model computes in float (its metadata): the
-    first thing to read when the agreement with the `.kdq` is low (a model's own ``+`` residual adds, for one)."""
-    import onnx
-
-    from .quant.onnx_export import REQUANTIZED_KEY
-
-    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    return list(json.loads(meta.get(REQUANTIZED_KEY, "[]")))
-
-
 def bench_final_task(spec_dict: dict[str, Any], run_dir: str, model_id: str, seed: int, runs: int,
                      *_deps: Any) -> dict[str, Any]:
     """Ray task body: one finalized model exported as integer ONNX (fusion checked), its latency, and the top-1
@@ -182,7 +170,6 @@ def bench_final_task(spec_dict: dict[str, Any], run_dir: str, model_id: str, see
     path = rd.bench_onnx(model_id, seed)
     fusion = export_onnx(model, path, calib=calibration_images(bundle))
     sess = _session(path)
-    requantized = _requantized(path)
     same = ort_correct = torch_correct = 0
     for x, y in _chunks(bundle, bundle.test):
         ort_top1 = sess.run(None, {"input": x.numpy()})[0].argmax(1)
@@ -195,6 +182,6 @@ def bench_final_task(spec_dict: dict[str, Any], run_dir: str, model_id: str, see
     timed = latency({"int8": path, "fp32": rd.bench_onnx("fp32", seed)}, bundle.image_shape, runs,
                     sessions=BENCH_SESSIONS)
     return {"id": model_id, "seed": seed, "onnx": str(path.relative_to(rd.root)), "fusion": fusion.to_dict(),
-            "agreement": 100.0 * same / n, "requantized": requantized, "test_images": len(bundle.test), "test_acc_ort": 100.0 * ort_correct / n,
+            "agreement": 100.0 * same / n, "requantized": fusion.requantized, "test_images": len(bundle.test), "test_acc_ort": 100.0 * ort_correct / n,
             "test_acc_kdq": 100.0 * torch_correct / n, **timed["int8"], "fp32_alongside": timed["fp32"],
             "speedup_vs_fp32": timed["fp32"]["median_ms"] / timed["int8"]["median_ms"], "node": where()}

@@ -26,8 +26,8 @@ from torch import nn
 from .bitconfig import ActRule, BitConfig, check_act_rule, quantizable_layers, resolve_act_bits
 from kdsearch.models.residual import ResidualAdd
 
-from .integer_graph import bind, bind_on_first_call
-from .layers import QuantConv2d, QuantLinear, QuantResidualAdd, folding_bn, is_quant_layer
+from .integer_graph import bind, bind_on_first_call, is_integer_layer
+from .layers import QuantConv2d, QuantLinear, QuantResidualAdd, folding_bn, is_quant_layer, modes_restored
 from .quantizers import INITS, LsqActQuantizer, _check_impl
 
 
@@ -85,7 +85,7 @@ def quantize(
         bn = folding_bn(m)
         if bn is not None:
             _set_module(model, name, bn)
-    integer = any(is_quant_layer(m) and isinstance(m.act_quantizer, LsqActQuantizer) for m in model.modules())
+    integer = any(is_integer_layer(m) for m in model.modules())
     for name, m in list(model.named_modules()):
         if integer and type(m) is ResidualAdd:  # quantized adds only where integer layers are (8-bit containers)
             _set_module(model, name, QuantResidualAdd(8, impl, act_init, learned=None if learn_steps else False))
@@ -108,24 +108,22 @@ def calibrate(model: nn.Module, batches: torch.Tensor | Iterable[torch.Tensor]) 
     batch also binds the integer graph (``integer_graph.bind``: folded int32 biases, one grid per tensor,
     quantized residual adds) before anything is observed.
     """
-    quantizers = [m for m in model.modules() if isinstance(m, LsqActQuantizer)]
-    modes = {m: m.training for m in model.modules()}
+    quantizers: list[LsqActQuantizer] = []
     bound = False
-    try:
-        model.eval()
-        for x in [batches] if isinstance(batches, torch.Tensor) else batches:
-            if not bound:  # the integer graph's links first (`integer_graph`): shared grids observe both reads
-                bind(model, x)
-                quantizers = list({id(m): m for m in model.modules() if isinstance(m, LsqActQuantizer)}.values())
-                for q in quantizers:
-                    q.start_observing()
-                bound = True
-            model(x)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-        for q in quantizers:
-            q.finish_observing()
+    with modes_restored(model):
+        try:
+            model.eval()
+            for x in [batches] if isinstance(batches, torch.Tensor) else batches:
+                if not bound:  # the integer graph's links first (`integer_graph`): shared grids observe both reads
+                    bind(model, x)
+                    bound = True
+                    quantizers = [m for m in model.modules() if isinstance(m, LsqActQuantizer)]  # each once
+                    for q in quantizers:
+                        q.start_observing()
+                model(x)
+        finally:
+            for q in quantizers:
+                q.finish_observing()
 
 
 @torch.no_grad()
@@ -141,21 +139,19 @@ def reestimate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns:
         return 0
-    modes = {m: m.training for m in model.modules()}
     momenta = {m: m.momentum for m in bns}
-    try:
-        model.eval()
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None
-            m.train()
-        for x in batches:
-            model(x)
-    finally:
-        for m in bns:
-            m.momentum = momenta[m]
-        for m, mode in modes.items():
-            m.training = mode
+    with modes_restored(model):
+        try:
+            model.eval()
+            for m in bns:
+                m.reset_running_stats()
+                m.momentum = None
+                m.train()
+            for x in batches:
+                model(x)
+        finally:
+            for m in bns:
+                m.momentum = momenta[m]
     return len(bns)
 
 

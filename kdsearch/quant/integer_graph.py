@@ -31,7 +31,7 @@ from .layers import QuantResidualAdd, _EvalFoldMixin, is_quant_layer
 from .quantizers import LsqActQuantizer, LsqWeightQuantizer
 
 
-def _integer_input(m: nn.Module) -> bool:
+def is_integer_layer(m: nn.Module) -> bool:
     """An integer layer (b-bit weights) whose input is integer-quantized."""
     return (is_quant_layer(m) and isinstance(m.act_quantizer, LsqActQuantizer)
             and isinstance(m.weight_quantizer, LsqWeightQuantizer))
@@ -42,9 +42,9 @@ def bind(model: nn.Module, x: Tensor) -> dict[str, Any]:
     """Link ``model``'s folded biases, shared input grids and residual adds from one eval forward of ``x``.
 
     The forward runs with every quantizer bypassed (float arithmetic; nothing is calibrated by it) and modes are
-    restored. Returns what was linked, by module name, for tests and the export's metadata.
+    restored. Returns what was linked, by module name (for tests).
     """
-    from .layers import bypass_quantization
+    from .layers import bypass_quantization, modes_restored
 
     model._kdsearch_bound = True  # before the forward below, which would call `bind_on_first_call` again
     names = {m: n for n, m in model.named_modules()}
@@ -60,7 +60,7 @@ def bind(model: nn.Module, x: Tensor) -> dict[str, Any]:
         if first is None:
             layer_inputs[id(t)] = m
             keep.append(t)
-        elif _integer_input(m) and _integer_input(first) and m.act_quantizer.bits == first.act_quantizer.bits:
+        elif is_integer_layer(m) and is_integer_layer(first) and m.act_quantizer.bits == first.act_quantizer.bits:
             m.act_quantizer = first.act_quantizer
             linked["shared_input"][names[m]] = names[first]
 
@@ -77,7 +77,7 @@ def bind(model: nn.Module, x: Tensor) -> dict[str, Any]:
 
     def add_pre(m: QuantResidualAdd, args: tuple[Any, ...]) -> None:
         reader = layer_inputs.get(id(args[1]))
-        share = reader if reader is not None and _integer_input(reader) and reader.act_quantizer.bits == 8 else None
+        share = reader if reader is not None and is_integer_layer(reader) and reader.act_quantizer.bits == 8 else None
         m.share_shortcut(share)
         linked["shortcut"][names[m]] = None if share is None else names[share]
 
@@ -90,16 +90,13 @@ def bind(model: nn.Module, x: Tensor) -> dict[str, Any]:
             hooks.append(m.register_forward_pre_hook(bn_pre))
         elif isinstance(m, QuantResidualAdd):
             hooks.append(m.register_forward_pre_hook(add_pre))
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with bypass_quantization(model):
+        with modes_restored(model), bypass_quantization(model):
+            model.eval()
             model.forward(x)  # not model(x): the model's own hooks (a caller's, and the binding pre-hook) stay out
     finally:
         for h in hooks:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
     return linked
 
 

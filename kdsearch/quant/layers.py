@@ -306,6 +306,17 @@ def is_quant_layer(m: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
+def modes_restored(model: nn.Module) -> Iterator[None]:
+    """Inside the block the caller may switch modules between train and eval; every module's mode is restored."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+@contextlib.contextmanager
 def bypass_quantization(model: nn.Module) -> Iterator[None]:
     """Run ``model`` as its float self (no quantizer runs, none is lazily initialised) inside the block.
 

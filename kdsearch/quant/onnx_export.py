@@ -53,10 +53,9 @@ import torch
 from torch import Tensor, nn
 
 from .export import checked_input_shape, input_shape_of
-from .onnx_fusion import FLOAT_LAYERS_KEY, FusionReport, check_fusion, require_fused
+from .onnx_fusion import FLOAT_LAYERS_KEY, REQUANTIZED_KEY, FusionReport, check_fusion, require_fused
 from .qdq import AddQuant, LayerQuant, add_quant, layer_quant
 
-REQUANTIZED_KEY = "kdsearch.requantized"
 ACTIVATIONS = ("uint8", "int8")
 
 

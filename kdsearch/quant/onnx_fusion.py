@@ -24,6 +24,7 @@ FLOAT_OPS = frozenset({"Conv", "FusedConv", "NhwcFusedConv", "ConvTranspose", "G
                        "FusedMatMul"})
 FUSABLE = ("Relu", "Clip", "Add", "Mul", "Sigmoid", "LeakyRelu", "HardSigmoid", "Cast")  # ORT fuses into FusedConv
 FLOAT_LAYERS_KEY = "kdsearch.float_layers"  # metadata: {layer: why it stays float}
+REQUANTIZED_KEY = "kdsearch.requantized"  # metadata: [where the graph quantizes what QAT computes in float]
 
 
 class FusionError(ValueError):
@@ -47,6 +48,7 @@ class FusionReport:
     unfused: list[FloatNode] = field(default_factory=list)
     by_design: list[FloatNode] = field(default_factory=list)
     ort_version: str = ""
+    requantized: list[str] = field(default_factory=list)  # the export's REQUANTIZED_KEY notes
 
     @property
     def ok(self) -> bool:
@@ -151,7 +153,7 @@ def check_fusion(path: str | os.PathLike[str]) -> FusionReport:
     meta = {p.key: p.value for p in exported.metadata_props}
     float_layers: dict[str, str] = json.loads(meta.get(FLOAT_LAYERS_KEY, "{}"))
     keys = _layer_keys(exported.graph)
-    report = FusionReport(ort_version=ort.__version__)
+    report = FusionReport(ort_version=ort.__version__, requantized=json.loads(meta.get(REQUANTIZED_KEY, "[]")))
     counts: Counter[str] = Counter()
     others: Counter[str] = Counter()
     for node in optimized_model(path).graph.node:

@@ -76,8 +76,8 @@ class QdqGraph:
         self.signed = signed_activations  # int8 activations, zero point - 128 (the same numbers; for tests)
         self.inits = {t.name: t for t in self.g.initializer}
         self.by_weight = {f"{name}.weight": lq for name, lq in layers.items()}
-        self.adds = {n.name: adds[m] for n in self.g.node if n.op_type == "Add" and (m := module_of(n.name)) in (adds or {})}
-        self.unmapped_adds = sorted(set(adds or {}) - {a.name for a in self.adds.values()})
+        adds = adds or {}
+        self.adds = {n.name: adds[m] for n in self.g.node if n.op_type == "Add" and (m := module_of(n.name)) in adds}
         self.clamped_weights = 0  # codes -(-128) that a negative BatchNorm scale pushed to 127
         self.notes: list[str] = []  # every place the graph quantizes where the QAT model computes in float
         self.float_output: dict[str, str] = {}  # integer layers left unfused on purpose (`plan_points`) -> why
@@ -281,7 +281,8 @@ class QdqGraph:
         if lq is not None and lq.integer and user.input[0] == tensor:
             return True
         if self._integer_product(tensor):
-            self.notes.append(f"{user.name}: reads {tensor!r} quantized (an integer layer's output); QAT reads it in float")
+            self.notes.append(f"{user.name}: reads {tensor!r} quantized (an integer layer's output); "
+                              "QAT reads it in float")
             return True
         return False
 

@@ -53,6 +53,11 @@ class ActGrid:
     def narrower_than_uint8(self) -> bool:
         return self.qn + self.qp < 255
 
+    @classmethod
+    def of(cls, aq: LsqActQuantizer) -> "ActGrid":
+        """The grid an (initialized) activation quantizer rounds to."""
+        return cls(act_step(aq), int(aq.bits), bool(aq.is_signed))
+
 
 @dataclass(frozen=True)
 class LayerQuant:
@@ -84,7 +89,7 @@ def layer_quant(name: str, layer: nn.Module) -> LayerQuant:
     if isinstance(aq, LsqActQuantizer):
         if not aq.is_initialized:
             raise ValueError(f"export_onnx: activation quantizer of {name!r} never saw data; calibrate first")
-        act = ActGrid(act_step(aq), int(aq.bits), bool(aq.is_signed))
+        act = ActGrid.of(aq)
     codes = scale = half_weight = None
     if isinstance(wq, LsqWeightQuantizer):
         codes = wq.integers(layer.weight).cpu().numpy().astype(np.int8)
@@ -110,8 +115,9 @@ def add_quant(name: str, add: nn.Module) -> AddQuant:
     for which in ("branch", "shortcut"):
         q = add.grid(which)
         if not q.is_initialized:
-            raise ValueError(f"export_onnx: the {which} quantizer of residual add {name!r} never saw data; calibrate first")
-        grids.append(ActGrid(act_step(q), int(q.bits), bool(q.is_signed)))
+            raise ValueError(f"export_onnx: the {which} quantizer of residual add {name!r} never saw data; "
+                             "calibrate first")
+        grids.append(ActGrid.of(q))
     return AddQuant(name, *grids)
 
 
